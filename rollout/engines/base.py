@@ -1,0 +1,131 @@
+"""What every rollout engine offers the HTTP server, independent of how it generates.
+
+The server speaks SGLang's HTTP API; an engine only sees the typed requests below. Field names follow
+SGLang's (`max_new_tokens`, `top_k=-1` for "off", `finish_reason={"type": ...}`) so that translating
+between the wire format and these objects is a rename-free copy.
+"""
+
+from __future__ import annotations
+
+import abc
+import concurrent.futures
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+
+class EngineInputError(ValueError):
+    """A request the engine refuses; `field` names the offending request field (the server's 4xx)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings of one request (SGLang's `sampling_params`, the subset we implement)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1 (or 0) = no top-k, as in SGLang
+    n: int = 1  # samples per prompt; they share one prefill
+    stop: tuple[str, ...] = ()  # stop strings: the text is cut before them
+    stop_token_ids: tuple[int, ...] = ()  # extra token ids that end a sample, like eos
+    seed: int | None = None  # per-request seed: sample i uses a generator derived from (seed, i)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False  # keep the matched stop string at the end of the text
+
+    def validate(self) -> None:
+        """Raise EngineInputError naming the first bad field."""
+        prefix = "sampling_params."
+        if self.max_new_tokens < 0:
+            raise EngineInputError(prefix + "max_new_tokens", f"must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise EngineInputError(prefix + "temperature", f"must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise EngineInputError(prefix + "top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise EngineInputError(prefix + "top_k", f"must be -1 (off) or >= 0, got {self.top_k}")
+        if self.n < 1:
+            raise EngineInputError(prefix + "n", f"must be >= 1, got {self.n}")
+        if any(not s for s in self.stop):
+            raise EngineInputError(prefix + "stop", "stop strings must be non-empty")
+
+
+@dataclass
+class GenerateRequest:
+    """One prompt to sample `sampling.n` completions for. Exactly one of text / input_ids is set."""
+
+    text: str | None = None
+    input_ids: list[int] | None = None
+    images: list[Image.Image] = field(default_factory=list)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    return_logprob: bool = False
+
+
+@dataclass
+class SampleOutput:
+    """One completion, in SGLang's vocabulary (see `finish_reason`)."""
+
+    text: str
+    output_ids: list[int]
+    # log p(token) under the raw (temperature 1, unfiltered) distribution, fp32; one per output id.
+    output_logprobs: list[float]
+    # {"type": "stop", "matched": token_id | str} or {"type": "length", "length": n}, as SGLang reports.
+    finish_reason: dict[str, Any]
+    prompt_tokens: int
+    weight_version: int  # version of the weights when the sample finished
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.output_ids)
+
+
+class RolloutEngine(abc.ABC):
+    """An engine the rollout server can drive. Methods are thread-safe."""
+
+    model_path: str
+    weight_version: int
+    max_context_len: int
+
+    @abc.abstractmethod
+    def submit(self, request: GenerateRequest) -> concurrent.futures.Future[list[SampleOutput]]:
+        """Validate and queue one request; the future yields its `n` samples (validation errors raise here)."""
+
+    def generate(self, requests: list[GenerateRequest]) -> list[list[SampleOutput]]:
+        """Blocking convenience: submit all requests (so they batch together) and wait for them."""
+        futures = [self.submit(r) for r in requests]
+        return [f.result() for f in futures]
+
+    @abc.abstractmethod
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
+        """Render OpenAI-style messages (images as `{"type": "image"}` parts) into a prompt string."""
+
+    @abc.abstractmethod
+    def update_weights_from_disk(self, model_path: str, weight_version: int | None = None) -> int:
+        """Load HF weights from `model_path` in place; returns the new weight version."""
+
+    @abc.abstractmethod
+    def update_weights_from_tensors(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: int | None = None
+    ) -> int:
+        """Copy (HF name, tensor) pairs into the model in place; returns the new weight version."""
+
+    def flush_cache(self) -> None:
+        """Drop any cached prefixes (engines without a cross-request cache have nothing to drop)."""
+        return None
+
+    @abc.abstractmethod
+    def model_info(self) -> dict[str, Any]:
+        """What GET /get_model_info reports."""
+
+    @abc.abstractmethod
+    def shutdown(self) -> None:
+        """Stop background threads; pending requests fail."""

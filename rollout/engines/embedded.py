@@ -1,0 +1,394 @@
+"""The embedded rollout engine: a HF image-text-to-text model with a batched, KV-cached decode loop.
+
+One scheduler thread owns the model. Between decode steps it admits queued requests: each prompt is
+prefilled once (batch 1, so its logits equal a plain forward pass) and its KV cache is copied into `n`
+rows of the running batch, where the n samples then decode together with every other running row
+(continuous batching). Rows of different lengths share one left-padded KV slab; each row carries its
+own position ids, so padding never shifts a row's rotary positions. Finished rows leave the batch at
+once; a request completes when its last sample does.
+
+Weight updates and generation serialize on one lock, so an update lands between two decode steps.
+Samples still in flight keep their KV cache from the old weights (as in SGLang without a pause); each
+sample reports the `weight_version` current when it finished.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import inspect
+import logging
+import queue
+import random
+import threading
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rollout.engines.base import (
+    EngineInputError,
+    GenerateRequest,
+    RolloutEngine,
+    SampleOutput,
+    SamplingParams,
+)
+from rollout.engines.kv_batch import DecodeBatch, PromptState
+from rollout.engines.prompts import PromptBuilder, load_processor
+from rollout.engines.sampling import SamplingTensors, find_stop_string, sample_next_tokens
+
+logger = logging.getLogger(__name__)
+
+_SEED_MIX = 1_000_003  # spreads (seed, sample index) pairs over distinct generator seeds
+
+
+@dataclass
+class _Pending:
+    """A validated request waiting for (or in) the decode batch."""
+
+    request: GenerateRequest
+    prompt: PromptState
+    future: concurrent.futures.Future[list[SampleOutput]]
+    outputs: list[SampleOutput | None] = field(default_factory=list)
+    rows_left: int = 0
+
+
+@dataclass
+class _Row:
+    """One sample being decoded: which request it belongs to and what it produced so far."""
+
+    pending: _Pending
+    sample_index: int
+    generator: torch.Generator
+    max_new_tokens: int  # already clipped by the context length
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+
+class EmbeddedEngine(RolloutEngine):
+    """HF model + processor behind the rollout API; works on CPU (fp32) and GPU (`device="cuda"`)."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_batch_size: int = 256,
+        max_context_len: int | None = None,
+    ) -> None:
+        from transformers import AutoModelForImageTextToText
+
+        self.model_path = str(model_path)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_batch_size = max_batch_size
+        self.weight_version = 0
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            self.model_path, dtype=dtype, attn_implementation="sdpa"
+        ).to(self.device)
+        self.model.eval()
+        self.processor = load_processor(self.model_path)
+        self.tokenizer = self.processor.tokenizer
+        text_config = self.model.config.get_text_config()
+        config_limit = int(getattr(text_config, "max_position_embeddings", 32768))
+        self.max_context_len = min(max_context_len or config_limit, config_limit)
+        self.prompts = PromptBuilder(self.processor, self.model, self.device, self.dtype)
+        self._eos_ids = self._collect_eos_ids()
+        # transformers 5 renamed `past_key_values` to `cache`; accept both generations of the API.
+        forward_params = inspect.signature(self.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
+
+        self._model_lock = threading.Lock()
+        self._queue: queue.Queue[_Pending] = queue.Queue()
+        self._waiting: deque[_Pending] = deque()
+        self._batch: DecodeBatch | None = None
+        self._rows: list[_Row] = []
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._scheduler_loop, name="embedded-engine", daemon=True)
+        self._thread.start()
+
+    # ----------------------------------------------------------------------------------------------
+    # Public API
+    # ----------------------------------------------------------------------------------------------
+    def submit(self, request: GenerateRequest) -> concurrent.futures.Future[list[SampleOutput]]:
+        if self._stopping.is_set():
+            raise RuntimeError("engine is shut down")
+        request.sampling.validate()
+        if request.sampling.n > self.max_batch_size:
+            raise EngineInputError(
+                "sampling_params.n", f"{request.sampling.n} exceeds max_batch_size={self.max_batch_size}"
+            )
+        # Tokenizing and image preprocessing run in the caller's thread, in parallel with decoding.
+        prompt = self.prompts.build(request)
+        if prompt.length >= self.max_context_len:
+            field_name = "input_ids" if request.input_ids is not None else "text"
+            raise EngineInputError(
+                field_name, f"prompt has {prompt.length} tokens; context length is {self.max_context_len}"
+            )
+        future: concurrent.futures.Future[list[SampleOutput]] = concurrent.futures.Future()
+        pending = _Pending(request, prompt, future, [None] * request.sampling.n, request.sampling.n)
+        if request.sampling.max_new_tokens == 0:
+            future.set_result([self._empty_output(pending) for _ in range(request.sampling.n)])
+            return future
+        self._queue.put(pending)
+        return future
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def update_weights_from_disk(self, model_path: str, weight_version: int | None = None) -> int:
+        from transformers import AutoModelForImageTextToText
+
+        if not Path(model_path).is_dir():
+            raise EngineInputError("model_path", f"{model_path!r} is not a directory")
+        # Load on the CPU in the serving dtype, then copy in place: the running model keeps its
+        # identity (and its KV-cache layout), and names/shapes are checked like any tensor update.
+        source = AutoModelForImageTextToText.from_pretrained(model_path, dtype=self.dtype)
+        version = self.update_weights_from_tensors(source.state_dict().items(), weight_version)
+        self.model_path = str(model_path)
+        return version
+
+    def update_weights_from_tensors(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: int | None = None
+    ) -> int:
+        params = dict(self.model.named_parameters())
+        params.update(dict(self.model.named_buffers()))
+        # Check everything before copying anything, so a bad payload leaves the model untouched.
+        staged: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for name, tensor in named_tensors:
+            target = params.get(name)
+            if target is None:
+                target = params.get(_legacy_hf_name(name, params))
+            if target is None:
+                raise EngineInputError("named_tensors", f"unknown parameter {name!r}")
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise EngineInputError(
+                    "named_tensors",
+                    f"{name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}",
+                )
+            staged.append((target, tensor))
+        if not staged:
+            raise EngineInputError("named_tensors", "no tensors given")
+        with self._model_lock, torch.no_grad():
+            for target, tensor in staged:
+                target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+            self.weight_version = self.weight_version + 1 if weight_version is None else int(weight_version)
+            return self.weight_version
+
+    def model_info(self) -> dict[str, Any]:
+        return {
+            "model_path": self.model_path,
+            "tokenizer_path": self.model_path,
+            "is_generation": True,
+            "weight_version": self.weight_version,
+            "engine": "embedded",
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "max_context_len": self.max_context_len,
+            "max_batch_size": self.max_batch_size,
+            "model_type": self.model.config.model_type,
+        }
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=30)
+        error = RuntimeError("engine shut down")
+        for pending in self._drain_all():
+            if not pending.future.done():
+                pending.future.set_exception(error)
+
+    # ----------------------------------------------------------------------------------------------
+    # Scheduler thread
+    # ----------------------------------------------------------------------------------------------
+    def _scheduler_loop(self) -> None:
+        with torch.inference_mode():
+            while not self._stopping.is_set():
+                try:
+                    self._admit(block=not self._rows)
+                    if self._rows:
+                        with self._model_lock:
+                            self._decode_step()
+                except Exception as exc:  # noqa: BLE001 - one bad step must not kill the server
+                    logger.exception("decode step failed; failing the requests in flight")
+                    self._fail_running(exc)
+
+    def _admit(self, block: bool) -> None:
+        """Move queued requests into the batch while their rows fit; prefill each one."""
+        try:
+            while True:
+                self._waiting.append(self._queue.get(block=block and not self._waiting, timeout=0.05))
+                block = False
+        except queue.Empty:
+            pass
+        while self._waiting and len(self._rows) + self._waiting[0].request.sampling.n <= self.max_batch_size:
+            pending = self._waiting.popleft()
+            if pending.future.cancelled():
+                continue
+            try:
+                with self._model_lock:
+                    self._prefill(pending)
+            except Exception as exc:  # noqa: BLE001 - fail this request only
+                logger.exception("prefill failed")
+                pending.future.set_exception(exc)
+
+    def _prefill(self, pending: _Pending) -> None:
+        from transformers import DynamicCache
+
+        prompt, sampling = pending.prompt, pending.request.sampling
+        cache = DynamicCache()
+        outputs = self.model(
+            input_ids=prompt.input_ids[None, :],  # [1, L]
+            attention_mask=torch.ones_like(prompt.input_ids)[None, :],
+            position_ids=prompt.position_ids,  # [3, 1, L] (M-RoPE) or [1, L]
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kwarg: cache},
+            **prompt.model_kwargs,
+        )
+        n = sampling.n
+        seed = sampling.seed if sampling.seed is not None else random.SystemRandom().getrandbits(62)
+        new_rows = []
+        for i in range(n):
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed((seed * _SEED_MIX + i) & (2**63 - 1))
+            budget = min(sampling.max_new_tokens, self.max_context_len - prompt.length)
+            new_rows.append(_Row(pending, i, generator, budget))
+        logits = outputs.logits[:, -1, :].expand(n, -1)  # [n, V]: every sample starts from the same prefix
+        first_tokens = self._sample(logits, new_rows)
+        if self._batch is None:
+            self._batch = DecodeBatch.from_prefill(cache, prompt, n, self._cache_kwarg)
+        else:
+            self._batch.append_prefill(cache, prompt, n)
+        self._rows.extend(new_rows)
+        self._record_tokens(first_tokens, start_row=len(self._rows) - n)
+
+    def _decode_step(self) -> None:
+        assert self._batch is not None
+        input_ids, model_inputs = self._batch.step_inputs()  # input_ids [B, 1]
+        outputs = self.model(input_ids=input_ids, use_cache=True, **model_inputs)
+        tokens = self._sample(outputs.logits[:, -1, :], self._rows)  # logits [B, V]
+        self._record_tokens(tokens, start_row=0)
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> tuple[list[int], list[float]]:
+        sampling = [row.pending.request.sampling for row in rows]
+        device = logits.device
+        params = SamplingTensors(
+            temperature=torch.tensor([s.temperature for s in sampling], dtype=torch.float32, device=device),
+            top_p=torch.tensor([s.top_p for s in sampling], dtype=torch.float32, device=device),
+            top_k=torch.tensor([s.top_k for s in sampling], dtype=torch.int64, device=device),
+            # One draw per row per step from the row's own generator, also for greedy rows, so the
+            # random stream of a sample does not depend on its neighbours.
+            uniforms=torch.tensor(
+                [torch.rand((), generator=row.generator).item() for row in rows], dtype=torch.float32
+            ).to(device),
+        )
+        tokens, logprobs = sample_next_tokens(logits, params)
+        return tokens.tolist(), logprobs.tolist()
+
+    def _record_tokens(self, sampled: tuple[list[int], list[float]], start_row: int) -> None:
+        """Append this step's tokens to their rows, finish rows that hit a stop, drop them from the batch."""
+        tokens, logprobs = sampled
+        keep: list[int] = []
+        for offset, (token, logprob) in enumerate(zip(tokens, logprobs)):
+            index = start_row + offset
+            row = self._rows[index]
+            row.output_ids.append(token)
+            row.logprobs.append(logprob)
+            reason = self._finish_reason(row, token)
+            if reason is None:
+                keep.append(index)
+            else:
+                self._finish_row(row, reason)
+        assert self._batch is not None
+        self._batch.set_last_tokens(tokens, start_row)
+        finished = len(tokens) - (len(keep))
+        if finished:
+            keep = list(range(start_row)) + keep
+            self._rows = [self._rows[i] for i in keep]
+            self._batch = self._batch.select(keep) if keep else None
+
+    def _finish_reason(self, row: _Row, token: int) -> dict[str, Any] | None:
+        sampling = row.pending.request.sampling
+        if (not sampling.ignore_eos and token in self._eos_ids) or token in sampling.stop_token_ids:
+            return {"type": "stop", "matched": token}
+        if sampling.stop:
+            # Decode only a tail window each step; confirm a hit on the full text (tails can split bytes).
+            window = max(len(s) for s in sampling.stop) + 2
+            tail = self.tokenizer.decode(row.output_ids[-window:], skip_special_tokens=sampling.skip_special_tokens)
+            if any(stop in tail for stop in sampling.stop):
+                text = self._decode(row.output_ids, sampling)
+                hit = find_stop_string(text, sampling.stop, 0)
+                if hit is not None:
+                    return {"type": "stop", "matched": hit[1]}
+        if len(row.output_ids) >= row.max_new_tokens:
+            return {"type": "length", "length": len(row.output_ids)}
+        return None
+
+    def _finish_row(self, row: _Row, reason: dict[str, Any]) -> None:
+        pending = row.pending
+        pending.outputs[row.sample_index] = self._finished_output(pending, row.output_ids, row.logprobs, reason)
+        pending.rows_left -= 1
+        if pending.rows_left == 0 and not pending.future.done():
+            pending.future.set_result(list(pending.outputs))  # type: ignore[arg-type]
+
+    def _finished_output(
+        self, pending: _Pending, output_ids: list[int], logprobs: list[float], reason: dict[str, Any]
+    ) -> SampleOutput:
+        sampling = pending.request.sampling
+        text = self._decode(output_ids, sampling)
+        matched = reason.get("matched")
+        if isinstance(matched, str):
+            hit = find_stop_string(text, (matched,), 0)
+            if hit is not None:
+                text = text[: hit[0] + (len(matched) if sampling.no_stop_trim else 0)]
+        return SampleOutput(
+            text=text,
+            output_ids=list(output_ids),
+            output_logprobs=list(logprobs),
+            finish_reason=reason,
+            prompt_tokens=pending.prompt.length,
+            weight_version=self.weight_version,
+        )
+
+    def _empty_output(self, pending: _Pending) -> SampleOutput:
+        return self._finished_output(pending, [], [], {"type": "length", "length": 0})
+
+    def _decode(self, ids: list[int], sampling: SamplingParams) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=sampling.skip_special_tokens)
+
+    def _fail_running(self, exc: Exception) -> None:
+        for row in self._rows:
+            if not row.pending.future.done():
+                row.pending.future.set_exception(exc)
+        self._rows = []
+        self._batch = None
+
+    def _drain_all(self) -> list[_Pending]:
+        drained = list(self._waiting) + [row.pending for row in self._rows]
+        while True:
+            try:
+                drained.append(self._queue.get_nowait())
+            except queue.Empty:
+                return drained
+
+    def _collect_eos_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        for source in (self.model.generation_config, self.model.config.get_text_config(), self.model.config):
+            eos = getattr(source, "eos_token_id", None)
+            ids.update([eos] if isinstance(eos, int) else (eos or []))
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(ids)
+
+
+def _legacy_hf_name(name: str, params: dict[str, torch.Tensor]) -> str:
+    """Map pre-transformers-5 checkpoint names (`model.layers.*`, `visual.*`) to the module names."""
+    for old, new in (("model.", "model.language_model."), ("visual.", "model.visual."),
+                     ("language_model.model.", "model.language_model."),
+                     ("language_model.lm_head.", "lm_head."), ("vision_tower.", "model.vision_tower."),
+                     ("multi_modal_projector.", "model.multi_modal_projector.")):
+        if name.startswith(old) and new + name[len(old):] in params:
+            return new + name[len(old):]
+    return name

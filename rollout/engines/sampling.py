@@ -1,0 +1,81 @@
+"""Batched next-token sampling and stop-string detection for the embedded engine.
+
+Every row of a decode batch can carry its own temperature / top-p / top-k, so the filters are applied
+as per-row tensors in one pass instead of a Python loop over rows. Randomness comes from one uniform
+number per row per step, drawn by the caller from that row's own `torch.Generator`: a seeded sample is
+then reproducible whatever else shares its batch, and on any device (the generators live on the CPU).
+
+Log-probs: we return log_softmax of the *raw* logits (temperature 1, before top-p/top-k) at the sampled
+token, in fp32. That is what SGLang returns by default and what an RL trainer compares against its own
+teacher-forced forward pass; the sampling distribution itself is the filtered, temperature-scaled one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row sampling settings of a decode batch, as tensors on the logits' device."""
+
+    temperature: torch.Tensor  # [B] float32; 0 means greedy
+    top_p: torch.Tensor  # [B] float32 in (0, 1]
+    top_k: torch.Tensor  # [B] int64; <= 0 means no top-k
+    uniforms: torch.Tensor  # [B] float32 in [0, 1): this step's random draw per row
+
+    @property
+    def all_greedy(self) -> bool:
+        return bool((self.temperature == 0).all())
+
+
+def sample_next_tokens(logits: torch.Tensor, params: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row and return (tokens [B] int64, logprobs [B] float32 of raw logits)."""
+    logits = logits.float()  # [B, V]; fp32 so log-probs match an fp32 teacher-forced forward
+    raw_logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
+    greedy_tokens = logits.argmax(dim=-1)  # [B]
+    if params.all_greedy:
+        tokens = greedy_tokens
+    else:
+        tokens = torch.where(params.temperature == 0, greedy_tokens, _sample_filtered(logits, params))
+    logprobs = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)  # [B]
+    return tokens, logprobs
+
+
+def _sample_filtered(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+    """Inverse-CDF sampling from softmax(logits / T) restricted by top-k then top-p (HF's order)."""
+    batch, vocab = logits.shape
+    # Greedy rows get temperature 1 here only to avoid dividing by 0; their sample is discarded.
+    temperature = torch.where(params.temperature > 0, params.temperature, torch.ones_like(params.temperature))
+    scaled = logits / temperature[:, None]  # [B, V]
+    needs_filter = bool(((params.top_k > 0) & (params.top_k < vocab)).any() or (params.top_p < 1).any())
+    if needs_filter:
+        scaled, order = scaled.sort(dim=-1, descending=True)  # [B, V] each, best token first
+    probs = torch.softmax(scaled, dim=-1)  # [B, V]
+    if needs_filter:
+        ranks = torch.arange(vocab, device=logits.device)[None, :]  # [1, V]
+        top_k = torch.where(params.top_k > 0, params.top_k, torch.full_like(params.top_k, vocab))
+        keep = ranks < top_k[:, None]  # [B, V]
+        probs = probs * keep
+        # Keep a token while the mass strictly before it is < p: the best token always survives.
+        mass_before = probs.cumsum(dim=-1) - probs
+        keep = mass_before < params.top_p[:, None]  # [B, V]
+        probs = probs * keep
+    cdf = probs.cumsum(dim=-1)  # [B, V]
+    threshold = params.uniforms[:, None] * cdf[:, -1:]  # [B, 1]; u < 1 so threshold < total mass
+    position = torch.searchsorted(cdf, threshold, right=True).clamp_max(vocab - 1)  # [B, 1]
+    if needs_filter:
+        return order.gather(1, position).squeeze(1)
+    return position.squeeze(1)
+
+
+def find_stop_string(text: str, stops: tuple[str, ...], search_from: int) -> tuple[int, str] | None:
+    """Earliest (char index, stop) of any stop string starting at or after `search_from`, else None."""
+    best: tuple[int, str] | None = None
+    for stop in stops:
+        index = text.find(stop, max(0, search_from))
+        if index >= 0 and (best is None or index < best[0]):
+            best = (index, stop)
+    return best
