@@ -1,0 +1,190 @@
+"""Which kernels fill Megatron's layer slots: the *local* spec (pure PyTorch, CPU/CI) or Transformer Engine.
+
+A Megatron `TransformerLayer` is a set of slots (norms, QKV linear, core attention, projection, MLP
+linears). The two backends fill them differently, and that changes parameter *names*:
+
+    slot                 local spec                              TE spec
+    attention norm       input_layernorm.weight                  self_attention.linear_qkv.layer_norm_weight
+    MLP norm             pre_mlp_layernorm.weight                mlp.linear_fc1.layer_norm_weight
+    core attention       DotProductAttention (dense, any mask)   TEDotProductAttention (flash/fused)
+
+`NORM_PARAM_NAMES` records that difference in one place; `hf_mapping` reads it, so conversion and weight
+sync follow whatever backend built the model. The backend is chosen once, from the config and the
+hardware (`resolve_backend`): "auto" means TE when CUDA is up and `transformer_engine` imports, else local.
+TE is imported lazily, only when asked for, and a missing install fails with a message that says so.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Literal
+
+import torch
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+SpecChoice = Literal["auto", "local", "te"]
+Backend = Literal["local", "te"]
+
+# Slot name -> parameter name (relative to a decoder layer) per backend. See module docstring.
+NORM_PARAM_NAMES: dict[Backend, dict[str, str]] = {
+    "local": {
+        "attn_norm": "input_layernorm.weight",
+        "mlp_norm": "pre_mlp_layernorm.weight",
+    },
+    "te": {
+        "attn_norm": "self_attention.linear_qkv.layer_norm_weight",
+        "mlp_norm": "mlp.linear_fc1.layer_norm_weight",
+    },
+}
+
+
+def te_available() -> bool:
+    """Whether Transformer Engine's PyTorch bindings can be found (without importing them)."""
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def resolve_backend(spec: SpecChoice = "auto") -> Backend:
+    """'auto' -> 'te' on a CUDA machine with Transformer Engine installed, else 'local'."""
+    if spec == "local":
+        return "local"
+    if spec == "te":
+        _require_te()
+        return "te"
+    if spec == "auto":
+        return "te" if torch.cuda.is_available() and te_available() else "local"
+    raise ValueError(f"spec must be 'auto', 'local' or 'te', got {spec!r}")
+
+
+def _require_te() -> None:
+    if not torch.cuda.is_available():
+        raise RuntimeError("spec='te' needs a CUDA device (Transformer Engine kernels are GPU-only); use 'local'")
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError(
+            "spec='te' needs Transformer Engine: pip install 'calibrl-mcore[gpu]' (transformer-engine[pytorch]) "
+            f"or use spec='local' (import failed: {err})"
+        ) from err
+
+
+def norm_module(backend: Backend) -> type:
+    """A standalone RMSNorm/LayerNorm module (final norm, patch-merger norm) for `backend`."""
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    return WrappedTorchNorm
+
+
+def linear_modules(backend: Backend) -> tuple[type, type]:
+    """(column-parallel, row-parallel) linear classes without a fused norm."""
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
+
+        return TEColumnParallelLinear, TERowParallelLinear
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    return ColumnParallelLinear, RowParallelLinear
+
+
+def transformer_layer_spec(backend: Backend, attn_mask_type: AttnMaskType) -> ModuleSpec:
+    """A pre-norm TransformerLayer (attention + SwiGLU/GELU MLP) with its slots filled for `backend`.
+
+    attn_mask_type: `causal` for the language decoder; `arbitrary` for the vision tower, whose window /
+    per-image attention is given as an explicit block-diagonal mask.
+    """
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    column, row = linear_modules(backend)
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import (
+            TEDotProductAttention,
+            TELayerNormColumnParallelLinear,
+        )
+
+        # TE fuses the pre-norm into the following linear: the norm slots stay empty.
+        attn_norm, mlp_norm = IdentityOp, IdentityOp
+        qkv, fc1, core_attention = TELayerNormColumnParallelLinear, TELayerNormColumnParallelLinear, (
+            TEDotProductAttention
+        )
+    else:
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+        attn_norm = mlp_norm = norm_module(backend)
+        qkv, fc1, core_attention = column, column, DotProductAttention
+
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=attn_norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": attn_mask_type},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=qkv,
+                    core_attention=core_attention,
+                    linear_proj=row,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=mlp_norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=row)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def block_spec(backend: Backend, config: TransformerConfig, attn_mask_type: AttnMaskType):
+    """TransformerBlockSubmodules for this pipeline stage's layers + the backend's final norm.
+
+    Built here rather than handing a layer spec to TransformerBlock, whose fallback final norm is picked
+    from what happens to be installed (apex's FusedLayerNorm cannot do RMSNorm).
+    """
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    layer = transformer_layer_spec(backend, attn_mask_type)
+    num_layers = get_num_layers_to_build(config)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm_module(backend))
+
+
+def mlp_spec(backend: Backend) -> MLPSubmodules:
+    """Plain (non-norm-fused) MLP slots, used by the vision patch merger."""
+    column, row = linear_modules(backend)
+    return MLPSubmodules(linear_fc1=column, linear_fc2=row)
+
+
+def backend_config_kwargs(backend: Backend, params_dtype: torch.dtype) -> dict:
+    """TransformerConfig flags that depend on the backend/hardware rather than on the architecture.
+
+    CPU (local spec): every fused kernel off (they are CUDA-only) and fp32 softmax. TE: the fused
+    bias+SwiGLU and masked-softmax kernels on. RoPE fusion stays off on both: Megatron's fused RoPE does
+    not take the per-token (M-RoPE / 2D vision) frequency tables used here.
+    """
+    on_te = backend == "te"
+    return dict(
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        bias_activation_fusion=on_te,
+        masked_softmax_fusion=on_te,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        attention_softmax_in_fp32=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
