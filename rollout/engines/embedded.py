@@ -191,6 +191,9 @@ class EmbeddedEngine(RolloutEngine):
             "model_type": self.model.config.model_type,
         }
 
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping.is_set()
+
     def shutdown(self) -> None:
         self._stopping.set()
         self._thread.join(timeout=30)

@@ -49,8 +49,9 @@ def load_processor(model_path: str) -> Any:
     extra: dict[str, Any] = {}
     config_file = Path(model_path) / "processor_config.json"
     if config_file.exists():
-        extra = {k: v for k, v in json.loads(config_file.read_text()).items() if k != "processor_class"}
-        extra = {k: v for k, v in extra.items() if k in inspect.signature(processor_class.__init__).parameters}
+        # Keep scalar settings such as InternVL's image_seq_length; sub-processor configs are loaded below.
+        accepted = set(inspect.signature(processor_class.__init__).parameters) - set(processor_class.get_attributes())
+        extra = {k: v for k, v in json.loads(config_file.read_text()).items() if k in accepted}
     return _ImageOnlyProcessor(
         image_processor=AutoImageProcessor.from_pretrained(model_path),
         tokenizer=tokenizer,

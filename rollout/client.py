@@ -1,0 +1,224 @@
+"""HTTP client of the rollout API (embedded engine or a real SGLang server: same routes).
+
+    client = RolloutClient(["http://127.0.0.1:30000"], api_key="K")
+    samples = client.generate([{"text": prompt, "image_data": [b64_png]}], {"max_new_tokens": 256, "n": 8})
+
+Prompts are sent as batched `/generate` requests of up to `batch_size` prompts, up to `max_concurrency`
+at once, round-robin over the servers, so each engine sees many rows to batch. Connection errors,
+timeouts and 5xx answers are retried with exponential backoff on the next server; 4xx answers are the
+caller's mistake and raise at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import itertools
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+_RETRYABLE = (httpx.TransportError,)  # connect/read/write errors and timeouts
+
+
+class RolloutRequestError(RuntimeError):
+    """The server refused a request (4xx), or all retries failed."""
+
+    def __init__(self, message: str, status: int | None = None, body: Any = None) -> None:
+        super().__init__(message)
+        self.status, self.body = status, body
+
+
+@dataclass
+class Sample:
+    """One completion of one prompt."""
+
+    prompt_index: int
+    sample_index: int
+    output_ids: list[int]
+    text: str
+    logprobs: list[float]  # log p of each output id under the raw distribution (empty without logprobs)
+    finish_reason: str  # "stop" | "length" | "abort"
+    weight_version: int | None
+    prompt_tokens: int
+    finish_detail: dict[str, Any] = field(default_factory=dict)  # SGLang's full finish_reason object
+
+
+def encode_image(image: Any) -> str:
+    """PIL image or raw bytes -> base64 string for `image_data`."""
+    if isinstance(image, bytes):
+        return base64.b64encode(image).decode()
+    if isinstance(image, str):
+        return image
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+class RolloutClient:
+    def __init__(
+        self,
+        urls: list[str],
+        api_key: str | None = None,
+        timeout: float = 600.0,
+        max_retries: int = 4,
+        backoff: float = 0.5,
+        batch_size: int = 8,
+        max_concurrency: int = 16,
+    ) -> None:
+        if not urls:
+            raise ValueError("urls: need at least one server")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.max_retries, self.backoff, self.batch_size = max_retries, backoff, batch_size
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        limits = httpx.Limits(max_connections=max_concurrency * 2, max_keepalive_connections=max_concurrency)
+        self._http = httpx.Client(headers=headers, timeout=timeout, limits=limits)
+        self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="rollout-client")
+        self._cycle = itertools.cycle(range(len(self.urls)))
+        self._cycle_lock = threading.Lock()
+
+    # ----------------------------------------------------------------------------------------------
+    def generate(
+        self, prompts: list[dict[str, Any]], sampling_params: dict[str, Any], return_logprob: bool = True
+    ) -> list[Sample]:
+        """Sample `sampling_params["n"]` completions per prompt; results in prompt order, then sample order.
+
+        Each prompt is {"text": str} or {"input_ids": [int]}, optionally with "image_data": a list of
+        base64 strings / PIL images / bytes.
+        """
+        chunks = list(self._chunks(prompts))
+        futures = [self._pool.submit(self._generate_chunk, start, batch, sampling_params, return_logprob)
+                   for start, batch in chunks]
+        samples = [s for f in futures for s in f.result()]
+        return samples
+
+    def _chunks(self, prompts: list[dict[str, Any]]) -> Iterable[tuple[int, list[dict[str, Any]]]]:
+        """Consecutive prompts of one kind (text / input_ids), at most batch_size each."""
+        start = 0
+        while start < len(prompts):
+            kind = "text" if "text" in prompts[start] else "input_ids"
+            end = start + 1
+            while end < len(prompts) and end - start < self.batch_size and (kind in prompts[end]):
+                end += 1
+            yield start, prompts[start:end]
+            start = end
+
+    def _generate_chunk(
+        self, start: int, prompts: list[dict[str, Any]], sampling_params: dict[str, Any], return_logprob: bool
+    ) -> list[Sample]:
+        kind = "text" if "text" in prompts[0] else "input_ids"
+        payload: dict[str, Any] = {
+            kind: [p[kind] for p in prompts],
+            "sampling_params": sampling_params,
+            "return_logprob": return_logprob,
+        }
+        if any(p.get("image_data") for p in prompts):
+            payload["image_data"] = [[encode_image(i) for i in p.get("image_data") or []] or None for p in prompts]
+        items = self._post("/generate", payload)
+        n = int(sampling_params.get("n", 1))
+        if len(items) != len(prompts) * n:
+            raise RolloutRequestError(f"expected {len(prompts) * n} samples, got {len(items)}")
+        return [_to_sample(start + k // n, k % n, item) for k, item in enumerate(items)]
+
+    # ----------------------------------------------------------------------------------------------
+    def update_weights_from_disk(self, model_path: str, weight_version: int | None = None) -> list[dict[str, Any]]:
+        """Tell every server to load weights from `model_path` (a path on the servers' machines)."""
+        body: dict[str, Any] = {"model_path": model_path}
+        if weight_version is not None:
+            body["weight_version"] = weight_version
+        return [self._post("/update_weights_from_disk", body, url=url) for url in self.urls]
+
+    def update_weights_from_tensors(
+        self, named_tensors: Iterable[tuple[str, Any]], weight_version: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Push (HF name, tensor) pairs to every embedded server as one safetensors payload."""
+        from safetensors.torch import save
+
+        payload = save({name: t.detach().contiguous().cpu() for name, t in named_tensors})
+        params = {} if weight_version is None else {"weight_version": str(weight_version)}
+        return [self._post("/update_weights_from_tensor", payload, url=url, params=params) for url in self.urls]
+
+    def health(self) -> dict[str, bool]:
+        result = {}
+        for url in self.urls:
+            try:
+                result[url] = self._http.get(url + "/health", timeout=5.0).status_code == 200
+            except httpx.HTTPError:
+                result[url] = False
+        return result
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._http.close()
+
+    def __enter__(self) -> RolloutClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------------------------------------
+    def _next_url(self) -> str:
+        with self._cycle_lock:
+            return self.urls[next(self._cycle)]
+
+    def _post(self, route: str, body: Any, url: str | None = None, params: dict[str, str] | None = None) -> Any:
+        """POST with retries; a pinned `url` is retried on itself, otherwise on the next server."""
+        last_error: Exception | None = None
+        for attempt in range(self.max_retries + 1):
+            target = url or self._next_url()
+            try:
+                if isinstance(body, bytes):
+                    response = self._http.post(target + route, content=body, params=params,
+                                               headers={"Content-Type": "application/octet-stream"})
+                else:
+                    response = self._http.post(target + route, json=body, params=params)
+            except _RETRYABLE as exc:
+                last_error = exc
+            else:
+                if response.status_code < 400:
+                    return response.json()
+                if response.status_code < 500:
+                    raise RolloutRequestError(f"{target}{route}: {response.status_code} {response.text}",
+                                              response.status_code, _json_or_text(response))
+                last_error = RolloutRequestError(f"{target}{route}: {response.status_code} {response.text}",
+                                                 response.status_code, _json_or_text(response))
+            if attempt < self.max_retries:
+                time.sleep(self.backoff * (2**attempt))
+        raise RolloutRequestError(f"{route}: gave up after {self.max_retries + 1} attempts: {last_error!r}")
+
+
+def _json_or_text(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return response.text
+
+
+def _to_sample(prompt_index: int, sample_index: int, item: dict[str, Any]) -> Sample:
+    meta = item.get("meta_info", {})
+    finish = meta.get("finish_reason") or {}
+    triples = meta.get("output_token_logprobs") or []
+    return Sample(
+        prompt_index=prompt_index,
+        sample_index=sample_index,
+        output_ids=list(item.get("output_ids", [])),
+        text=item.get("text", ""),
+        logprobs=[float(t[0]) for t in triples],
+        finish_reason=finish.get("type", "abort") if isinstance(finish, dict) else str(finish),
+        weight_version=_as_int(meta.get("weight_version")),
+        prompt_tokens=int(meta.get("prompt_tokens", 0)),
+        finish_detail=finish if isinstance(finish, dict) else {},
+    )
+
+
+def _as_int(value: Any) -> int | None:
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
+        return None  # SGLang reports weight_version as a free-form string
