@@ -12,8 +12,8 @@ Layout (Megatron conventions):
   * `vision_model` (first pipeline stage only): `qwen2_5_vl_vision.Qwen2_5_VisionModel`. Its outputs
     replace the embeddings at `image_token_id` positions before the decoder, exactly like HF's
     `masked_scatter` (batch-major order).
-  * vocab: padded to a multiple of TP when needed; the padded logit columns are masked to a huge negative
-    value so that softmax, log-probs and cross-entropy never see them.
+  * vocab: padded to a multiple of TP when needed; gathered logits are cut back to the HF vocab, sharded
+    ones get the padded columns masked, so softmax, log-probs and cross-entropy never see them.
   * attention: causal. Batches are expected right-padded (pads after the real tokens), where the causal
     mask alone gives exact results for every real token; `attention_mask` may instead carry a full
     Megatron mask ([b, 1, s, s] bool, True = masked) for the local spec.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -92,6 +93,7 @@ class Qwen2_5_VLModel(MegatronModule):
         super().__init__(config=config)
         text = hf_config.text_config
         self.backend = backend
+        self.model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
         self.pre_process = pre_process
         self.post_process = post_process
         self.image_token_id = hf_config.image_token_id
@@ -150,9 +152,12 @@ class Qwen2_5_VLModel(MegatronModule):
                     f"features (grid_thw={image_grid_thw.tolist()})"
                 )
             # HF fills placeholders in [b, s] order; do the same on a [b, s, h] view.
-            embeddings = embeddings.transpose(0, 1).masked_scatter(
-                placeholders.unsqueeze(-1), image_embeds.to(embeddings.dtype)
-            ).transpose(0, 1).contiguous()  # back to [s, b, h]
+            embeddings = (
+                embeddings.transpose(0, 1)
+                .masked_scatter(placeholders.unsqueeze(-1), image_embeds.to(embeddings.dtype))
+                .transpose(0, 1)
+                .contiguous()
+            )  # back to [s, b, h]
         if self.config.sequence_parallel:
             embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)  # [s/tp, b, h]
         return embeddings
@@ -177,28 +182,36 @@ class Qwen2_5_VLModel(MegatronModule):
         if position_ids.dim() == 2:
             position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)  # text-only: t = h = w
         decoder_input = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
-        gather = False if labels is not None else runtime_gather_output
+        padded = self.padded_vocab_size != self.vocab_size
         output = self.language_model(
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=attention_mask,
             decoder_input=decoder_input,
-            runtime_gather_output=gather,
+            # Without vocab padding GPTModel's own loss is exact (and skips a [b, s, V/tp] transpose copy).
+            labels=None if padded else labels,
+            runtime_gather_output=False if labels is not None else runtime_gather_output,
         )
-        if not self.post_process:
-            return output  # [s, b, h]
+        if not self.post_process or (labels is not None and not padded):
+            return output  # hidden states [s, b, h] for the next stage, or the loss [b, s]
         logits = self._mask_vocab_padding(output)  # [b, s, V/tp or V]
         if labels is None:
             return logits
-        # Vocab-parallel cross-entropy on the sharded logits: [b, s, V/tp] -> [s, b, V/tp] -> loss [b, s]
-        return self.language_model.compute_language_model_loss(labels, logits.transpose(0, 1))
+        # Vocab-parallel cross-entropy on the masked sharded logits: [b, s, V/tp] -> [s, b, V/tp] -> [b, s]
+        return self.language_model.compute_language_model_loss(labels, logits.transpose(0, 1).contiguous())
 
     def _mask_vocab_padding(self, logits: Tensor) -> Tensor:
-        """Set the logits of TP-padding vocab rows to a huge negative value (exp() == 0, no NaN)."""
+        """Drop (gathered) or mask (TP-sharded) the logits of the vocab rows Megatron added for TP.
+
+        Sharded logits keep their width so vocab-parallel ops still line up; the padded columns get a
+        huge negative value (exp() == 0, and no NaN from `0 * log 0` in entropies).
+        """
         if self.padded_vocab_size == self.vocab_size:
             return logits
         width = logits.shape[-1]
-        start = 0 if width == self.padded_vocab_size else parallel_state.get_tensor_model_parallel_rank() * width
+        if width == self.padded_vocab_size:
+            return logits[..., : self.vocab_size]
+        start = parallel_state.get_tensor_model_parallel_rank() * width
         column = torch.arange(start, start + width, device=logits.device)
         return logits.masked_fill(column >= self.vocab_size, torch.finfo(logits.dtype).min)
 

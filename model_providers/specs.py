@@ -61,7 +61,9 @@ def resolve_backend(spec: SpecChoice = "auto") -> Backend:
 
 def _require_te() -> None:
     if not torch.cuda.is_available():
-        raise RuntimeError("spec='te' needs a CUDA device (Transformer Engine kernels are GPU-only); use 'local'")
+        raise RuntimeError(
+            "spec='te' needs a CUDA device (Transformer Engine kernels are GPU-only); use 'local'"
+        )
     try:
         import transformer_engine.pytorch  # noqa: F401
     except ImportError as err:
@@ -112,14 +114,14 @@ def transformer_layer_spec(backend: Backend, attn_mask_type: AttnMaskType) -> Mo
 
         # TE fuses the pre-norm into the following linear: the norm slots stay empty.
         attn_norm, mlp_norm = IdentityOp, IdentityOp
-        qkv, fc1, core_attention = TELayerNormColumnParallelLinear, TELayerNormColumnParallelLinear, (
-            TEDotProductAttention
-        )
+        qkv = fc1 = TELayerNormColumnParallelLinear
+        core_attention = TEDotProductAttention
     else:
         from megatron.core.transformer.dot_product_attention import DotProductAttention
 
         attn_norm = mlp_norm = norm_module(backend)
-        qkv, fc1, core_attention = column, column, DotProductAttention
+        qkv = fc1 = column
+        core_attention = DotProductAttention
 
     return ModuleSpec(
         module=TransformerLayer,
@@ -176,6 +178,7 @@ def backend_config_kwargs(backend: Backend, params_dtype: torch.dtype) -> dict:
     on_te = backend == "te"
     return dict(
         params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,  # dtype of the activations sent between pipeline stages
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=not torch.cuda.is_available(),

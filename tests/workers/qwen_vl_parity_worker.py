@@ -1,0 +1,290 @@
+"""torchrun worker: tiny Qwen2.5-VL on Megatron at a TP x PP layout vs. the transformers model.
+
+Every rank builds the same seeded HF model (random weights, random norm scales), converts it through
+`hf_mapping` into its own Megatron stage/shard, and then:
+  1. logits: for each input case (text-only, one image, two images over a batch of 2) one forward pass
+     through Megatron's pipeline schedule; the last stage compares TP-gathered logits with HF's;
+  2. grads: one forward/backward of mean token cross-entropy on the two-image case; every rank gathers
+     its parameters' grads over TP, maps them to HF names and compares with HF's grads (relative error);
+  3. export: gathers its parameters to HF names (the weight-sync path) and checks them bit-for-bit;
+  4. tied embeddings: the text case again with `tie_word_embeddings=True` (at PP > 1 the output layer is
+     a separate copy of the embedding on the last stage).
+Writes rank{RANK}.json. Run: torchrun ... qwen_vl_parity_worker.py --out DIR --tp N --pp M
+
+The builders at the top (config, HF model, inputs) are shared with tests/test_qwen2_5_vl_provider.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE, VIDEO, VISION_START, VISION_END = 500, 501, 498, 499
+TEXT_VOCAB_LIMIT = 490  # random text tokens stay below the special ids
+CASES = ("text", "one_image", "two_images")
+IMAGE_SIZES = {"a": (84, 112), "b": (112, 56), "c": (56, 56)}  # (height, width) in pixels
+
+
+def tiny_qwen_config(tie_word_embeddings: bool = False, vocab_size: int = 511):
+    """A tiny Qwen2.5-VL: text 64 wide / 2 layers / GQA 4:2 / head_dim 16; vision 32 wide / 2 blocks with
+    window attention in block 0 and full attention in block 1. Odd vocab and vision MLP sizes exercise
+    Megatron's TP padding."""
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=4096,
+            bos_token_id=0,
+            eos_token_id=1,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=45,
+            num_heads=4,
+            out_hidden_size=64,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,  # 2x2 merged tokens per window
+            fullatt_block_indexes=[1],
+        ),
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+
+
+def make_hf_model(config, seed: int = 0):
+    """Seeded random HF model in fp32/eval. Weights ~ N(0, 0.05), norm scales ~ 1 + N(0, 0.1), so that a
+    swapped or mis-fused tensor cannot hide behind the default init (norms all ones, tiny logits)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).float().eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            is_norm = "norm" in name or "ln_q" in name
+            param.copy_(1.0 + 0.1 * noise if is_norm else 0.05 * noise)
+    return model
+
+
+def _image(size: tuple[int, int], seed: int):
+    from PIL import Image
+
+    pixels = np.random.RandomState(seed).randint(0, 256, (*size, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def image_processor():
+    """The PIL Qwen2-VL image processor, sized like the real one (patch 14, merge 2, 2 frames)."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(
+        min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2, temporal_patch_size=2
+    )
+
+
+def make_case(name: str, seed: int = 0) -> dict[str, torch.Tensor | None]:
+    """input_ids [b, s], labels [b, s] (next token), and pixel_values / image_grid_thw from the processor."""
+    gen = torch.Generator().manual_seed(seed + CASES.index(name))
+
+    def text(n: int) -> list[int]:
+        return torch.randint(2, TEXT_VOCAB_LIMIT, (n,), generator=gen).tolist()
+
+    images = {"text": [], "one_image": ["a"], "two_images": ["a", "b", "c"]}[name]
+    pixel_values = grid = None
+    tokens_per_image = []
+    if images:
+        out = image_processor()(
+            images=[_image(IMAGE_SIZES[k], i) for i, k in enumerate(images)], return_tensors="pt"
+        )
+        pixel_values, grid = out["pixel_values"], out["image_grid_thw"]
+        tokens_per_image = (grid.prod(-1) // 4).tolist()
+
+    def vision(i: int) -> list[int]:
+        return [VISION_START] + [IMAGE] * tokens_per_image[i] + [VISION_END]
+
+    if name == "text":
+        rows = [text(12), text(12)]
+    elif name == "one_image":
+        rows = [text(3) + vision(0) + text(4)]
+    else:  # sample 0: two images; sample 1: one image, then text up to the same length
+        row0 = text(2) + vision(0) + text(3) + vision(1) + text(2)
+        row1 = text(3) + vision(2)
+        rows = [row0, row1 + text(len(row0) - len(row1))]
+    input_ids = torch.tensor(rows)
+    labels = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)  # last label is arbitrary but shared
+    return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values, "image_grid_thw": grid}
+
+
+def position_ids_for(case: dict, config) -> torch.Tensor:
+    from model_providers.rope import get_rope_index
+
+    pos, _ = get_rope_index(
+        case["input_ids"],
+        case["image_grid_thw"],
+        spatial_merge_size=config.vision_config.spatial_merge_size,
+        image_token_id=config.image_token_id,
+        vision_start_token_id=config.vision_start_token_id,
+    )
+    return pos  # [3, b, s]
+
+
+def hf_forward(hf_model, case: dict) -> torch.Tensor:
+    """HF logits [b, s, V]."""
+    kwargs = {}
+    if case["pixel_values"] is not None:
+        kwargs = dict(
+            pixel_values=case["pixel_values"],
+            image_grid_thw=case["image_grid_thw"],
+            mm_token_type_ids=(case["input_ids"] == IMAGE).int(),
+        )
+    return hf_model(input_ids=case["input_ids"], **kwargs).logits
+
+
+def hf_grads(hf_model, case: dict) -> dict[str, torch.Tensor]:
+    """Grads of mean token cross-entropy, by HF parameter name."""
+    hf_model.zero_grad(set_to_none=True)
+    logits = hf_forward(hf_model, case)
+    F.cross_entropy(logits.flatten(0, 1), case["labels"].flatten()).backward()
+    return {n: p.grad.detach().clone() for n, p in hf_model.named_parameters() if p.grad is not None}
+
+
+# ---- the distributed run -----------------------------------------------------------------------------------
+
+
+def _build_megatron(hf_config, hf_model, info):
+    from model_providers.hf_mapping import Placement, get_mapping, load_hf_weights
+    from model_providers.qwen2_5_vl import build_qwen2_5_vl
+
+    model = build_qwen2_5_vl(
+        hf_config, pre_process=info.is_first_stage, post_process=info.is_last_stage, spec="local"
+    )
+    mapping = get_mapping("qwen2_5_vl", hf_config, model.backend)
+    placement = Placement.from_parallel_state(model.config)
+    load_hf_weights(model, hf_model.state_dict().items(), mapping, placement)
+    return model, mapping, placement
+
+
+def _run_schedule(model, case: dict, config, *, forward_only: bool) -> torch.Tensor | None:
+    """One micro-batch through Megatron's schedule. Returns gathered logits [b, s, V] on the last stage
+    (forward_only) or None; with forward_only=False it leaves the grads of mean cross-entropy."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    captured = {}
+    batch = dict(case, position_ids=position_ids_for(case, config))
+
+    def loss_func(output: torch.Tensor):
+        if forward_only:
+            captured["logits"] = output.detach().clone()  # [b, s, V]
+            return output.sum() * 0.0, {}
+        loss = output.mean()  # per-token CE [b, s] -> mean
+        return loss, {"loss": loss.detach().clone()}
+
+    def forward_step(data_iterator, chunk):
+        mb = next(data_iterator)
+        output = chunk(
+            mb["input_ids"],
+            mb["position_ids"],
+            None,
+            pixel_values=mb["pixel_values"],
+            image_grid_thw=mb["image_grid_thw"],
+            labels=None if forward_only else mb["labels"],
+            runtime_gather_output=True if forward_only else None,
+        )
+        return output, loss_func
+
+    b, s = case["input_ids"].shape
+    get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter([batch]),
+        model=[model],
+        num_microbatches=1,
+        seq_length=s,
+        micro_batch_size=b,
+        forward_only=forward_only,
+    )
+    return captured.get("logits")
+
+
+def run(out: Path, tp: int, pp: int) -> None:
+    from megatron.core import parallel_state
+
+    from calibrl_mcore.parallel import ParallelConfig, destroy_distributed, init_distributed
+    from model_providers.hf_mapping import gather_megatron_to_hf
+
+    info = init_distributed(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    hf_config = tiny_qwen_config()
+    hf_model = make_hf_model(hf_config)
+    model, mapping, placement = _build_megatron(hf_config, hf_model, info)
+    model.eval()  # no dropout anyway; eval keeps HF and Megatron on the same path
+    result: dict = {"rank": info.rank, "tp_rank": info.tp_rank, "pp_rank": info.pp_rank}
+
+    # 1. logits
+    result["logits_max_abs_diff"] = {}
+    for name in CASES:
+        case = make_case(name)
+        with torch.no_grad():
+            logits = _run_schedule(model, case, hf_config, forward_only=True)
+            if info.is_last_stage:
+                ref = hf_forward(hf_model, case)
+                result["logits_max_abs_diff"][name] = (logits - ref).abs().max().item()
+
+    # 2. grads
+    case = make_case("two_images")
+    reference = hf_grads(hf_model, case)
+    model.zero_grad(set_to_none=True)
+    _run_schedule(model, case, hf_config, forward_only=False)
+    grads = ((n, p.grad) for n, p in model.named_parameters())
+    result["grad_rel_err"] = {
+        hf_name: ((g - reference[hf_name]).norm() / reference[hf_name].norm().clamp_min(1e-30)).item()
+        for hf_name, g in gather_megatron_to_hf(grads, mapping, placement, tp_group)
+    }
+
+    # 3. export (weight sync path): bit-identical to the HF weights
+    hf_state = hf_model.state_dict()
+    exported = dict(gather_megatron_to_hf(model.named_parameters(), mapping, placement, tp_group))
+    result["exported"] = sorted(exported)
+    result["export_mismatch"] = [n for n, t in exported.items() if not torch.equal(t, hf_state[n])]
+
+    # 4. tied embeddings
+    tied_config = tiny_qwen_config(tie_word_embeddings=True)
+    tied_hf = make_hf_model(tied_config, seed=1)
+    tied_model, _, _ = _build_megatron(tied_config, tied_hf, info)
+    with torch.no_grad():
+        logits = _run_schedule(tied_model.eval(), make_case("text"), tied_config, forward_only=True)
+        if info.is_last_stage:
+            ref = hf_forward(tied_hf, make_case("text"))
+            result["logits_max_abs_diff"]["text_tied"] = (logits - ref).abs().max().item()
+
+    (out / f"rank{info.rank}.json").write_text(json.dumps(result, indent=1))
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    run(args.out, args.tp, args.pp)
