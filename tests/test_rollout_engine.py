@@ -265,3 +265,76 @@ def test_internvl_greedy_matches_hf(tmp_path_factory):
         assert out[0][0].output_ids == ref[0, inputs["input_ids"].shape[1]:].tolist()
     finally:
         eng.shutdown()
+
+
+# --------------------------------------------------------------------------------------------------
+# External servers (SGLang / vLLM): command lines, the missing-package error, the supervisor.
+# --------------------------------------------------------------------------------------------------
+FAKE_SERVER = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404); self.end_headers()
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def test_external_server_commands_and_missing_package_error():
+    import importlib.util
+    import sys
+
+    from rollout.engines.sglang import SGLangServer
+    from rollout.engines.vllm import VLLMServer
+    from rollout.server import main
+
+    for cls, package in ((SGLangServer, "sglang"), (VLLMServer, "vllm")):
+        if importlib.util.find_spec(package) is None:
+            with pytest.raises(RuntimeError, match=rf"{package} is not installed: pip install calibrl-mcore\[gpu\]"):
+                cls("/models/qwen")
+    if importlib.util.find_spec("sglang") is None:  # `calibrl serve --engine sglang` on a CPU machine
+        with pytest.raises(RuntimeError, match="sglang is not installed"):
+            main(["--model", "/models/qwen", "--engine", "sglang"])
+    sglang = SGLangServer("/models/qwen", port=31000, api_key="k", tp_size=2, mem_fraction_static=0.7,
+                          context_length=4096, extra_args=("--enable-metrics",), require_installed=False)
+    assert sglang.command() == [sys.executable, "-m", "sglang.launch_server", "--model-path", "/models/qwen",
+                                "--host", "127.0.0.1", "--port", "31000", "--tp-size", "2",
+                                "--mem-fraction-static", "0.7", "--context-length", "4096", "--api-key", "k",
+                                "--enable-metrics"]
+    vllm = VLLMServer("/models/qwen", port=31001, tp_size=4, context_length=8192, require_installed=False)
+    cmd = vllm.command()
+    assert "/models/qwen" in cmd and cmd[cmd.index("--tensor-parallel-size") + 1] == "4"
+    assert cmd[cmd.index("--max-model-len") + 1] == "8192" and "--api-key" not in cmd
+
+
+def test_external_server_supervisor_restarts_boundedly_and_stops():
+    import socket
+    import sys
+
+    from rollout.engines.base import ExternalServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    class FakeServer(ExternalServer):
+        package = "fake"
+
+        def command(self) -> list[str]:
+            return [sys.executable, "-c", FAKE_SERVER, str(self.port)]
+
+    server = FakeServer("unused", port=port, max_restarts=1, health_timeout=30, require_installed=False)
+    server.start()
+    try:
+        first = server.process
+        first.kill()
+        first.wait()
+        server.ensure_running()  # died -> restarted once, healthy again
+        assert server.restarts == 1 and server.process is not first and server.process.poll() is None
+        server.process.kill()
+        server.process.wait()
+        with pytest.raises(RuntimeError, match="not restarting again"):
+            server.ensure_running()
+    finally:
+        server.stop()
+    assert server.process.poll() is not None

@@ -129,3 +129,129 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def shutdown(self) -> None:
         """Stop background threads; pending requests fail."""
+
+
+class ExternalServer:
+    """Launch, health-check, restart (bounded) and stop an external inference server process.
+
+    Subclasses give the package to require and the command line; the supervisor is shared. Weight
+    sync goes through the server's own HTTP routes (see the subclasses).
+    """
+
+    package: str = ""  # importable module that must exist (sglang / vllm)
+
+    def __init__(
+        self,
+        model_path: str,
+        host: str = "127.0.0.1",
+        port: int = 30000,
+        api_key: str | None = None,
+        tp_size: int = 1,
+        mem_fraction_static: float | None = None,
+        context_length: int | None = None,
+        extra_args: tuple[str, ...] = (),
+        health_timeout: float = 900.0,
+        max_restarts: int = 3,
+        require_installed: bool = True,  # False only for tests / printing the command
+    ) -> None:
+        if require_installed:
+            _require_package(self.package)
+        self.model_path, self.host, self.port, self.api_key = model_path, host, port, api_key
+        self.tp_size, self.mem_fraction_static, self.context_length = tp_size, mem_fraction_static, context_length
+        self.extra_args = tuple(extra_args)
+        self.health_timeout, self.max_restarts = health_timeout, max_restarts
+        self.restarts = 0
+        self.process: Any = None  # subprocess.Popen once started
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        import subprocess
+
+        # A new session makes the server and its workers (TP ranks, tokenizer manager) one process
+        # group, so stop() can end all of them by the group id of the process we started.
+        self.process = subprocess.Popen(self.command(), start_new_session=True)
+        self.wait_healthy()
+
+    def wait_healthy(self) -> None:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + self.health_timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"{self.package} server exited with code {self.process.returncode} before "
+                                   f"becoming healthy; command: {' '.join(self.command())}")
+            try:
+                if httpx.get(self.url + "/health", timeout=5.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"{self.package} server not healthy after {self.health_timeout:.0f} s at {self.url}")
+
+    def ensure_running(self) -> None:
+        """Restart the server if it died; give up after `max_restarts` restarts."""
+        if self.process is None or self.process.poll() is None:
+            return
+        if self.restarts >= self.max_restarts:
+            raise RuntimeError(f"{self.package} server died {self.restarts + 1} times; not restarting again")
+        self.restarts += 1
+        self.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        import os
+        import signal
+        import subprocess
+
+        if self.process is None or self.process.poll() is not None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.process.wait(timeout=timeout)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def run_forever(self, poll_interval: float = 2.0) -> int:
+        """`calibrl serve --engine sglang|vllm`: supervise until SIGINT/SIGTERM."""
+        import signal
+        import threading
+
+        stopping = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stopping.set())
+        self.start()
+        try:
+            while not stopping.wait(poll_interval):
+                self.ensure_running()
+        finally:
+            self.stop()
+        return 0
+
+    def _post(self, route: str, body: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        response = httpx.post(self.url + route, json=body, headers=headers, timeout=timeout)
+        response.raise_for_status()
+        return response.json()
+
+
+def _require_package(package: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None:
+        raise RuntimeError(f"{package} is not installed: pip install calibrl-mcore[gpu] on a GPU machine "
+                           f"(or use --engine embedded)")
