@@ -88,8 +88,11 @@ class QKVFusion(Fusion):
         q_per_group = self.num_heads // self.num_groups * self.head_dim
         # [heads*d, ...] -> [groups, heads_per_group*d, ...]; k, v: [groups, d, ...]
         fused = torch.cat(
-            [q.reshape(groups, q_per_group, *rest), k.reshape(groups, self.head_dim, *rest),
-             v.reshape(groups, self.head_dim, *rest)],
+            [
+                q.reshape(groups, q_per_group, *rest),
+                k.reshape(groups, self.head_dim, *rest),
+                v.reshape(groups, self.head_dim, *rest),
+            ],
             dim=1,
         )
         return fused.reshape(-1, *rest)  # [groups * (heads_per_group + 2) * d, ...]
@@ -155,14 +158,14 @@ class ArchMapping:
             return name
         for module_prefix, ckpt_prefix in self.checkpoint_prefixes:
             if name.startswith(ckpt_prefix):
-                return module_prefix + name[len(ckpt_prefix):]
+                return module_prefix + name[len(ckpt_prefix) :]
         return name
 
     def checkpoint_hf_name(self, name: str) -> str:
         """transformers module name -> on-disk checkpoint name (what SGLang/vLLM loaders expect)."""
         for module_prefix, ckpt_prefix in self.checkpoint_prefixes:
             if name.startswith(module_prefix):
-                return ckpt_prefix + name[len(module_prefix):]
+                return ckpt_prefix + name[len(module_prefix) :]
         return name
 
     def match_hf(self, name: str) -> list[tuple[Rule, int, int | None]]:
@@ -258,14 +261,18 @@ def _tp_slice(rule: Rule, part: Tensor, tp_rank: int, tp_size: int) -> Tensor:
         return part
     if rule.hf_size is not None:
         if part.shape[rule.tp_axis] != rule.hf_size:
-            raise ValueError(f"{rule.megatron}: HF axis {rule.tp_axis} is {part.shape}, expected {rule.hf_size}")
+            raise ValueError(
+                f"{rule.megatron}: HF axis {rule.tp_axis} is {part.shape}, expected {rule.hf_size}"
+            )
         extra = tp_padded(rule.hf_size, tp_size) - rule.hf_size
         if extra:
             pad_shape = list(part.shape)
             pad_shape[rule.tp_axis] = extra
             part = torch.cat([part, part.new_zeros(pad_shape)], dim=rule.tp_axis)
     if part.shape[rule.tp_axis] % tp_size:
-        raise ValueError(f"{rule.megatron}: axis {rule.tp_axis} of {tuple(part.shape)} not divisible by TP={tp_size}")
+        raise ValueError(
+            f"{rule.megatron}: axis {rule.tp_axis} of {tuple(part.shape)} not divisible by TP={tp_size}"
+        )
     return part.chunk(tp_size, dim=rule.tp_axis)[tp_rank].clone()
 
 
@@ -286,7 +293,9 @@ def hf_to_megatron(
             target = placement.megatron_name(rule, layer)
             parts = pending.setdefault(target, {})
             for k, part in enumerate(_hf_parts(rule, [tensor])):
-                parts[index * rule.hf_chunks + k] = _tp_slice(rule, part, placement.tp_rank, placement.tp_size)
+                parts[index * rule.hf_chunks + k] = _tp_slice(
+                    rule, part, placement.tp_rank, placement.tp_size
+                )
             if len(parts) == rule.fusion.num_parts:
                 out[target] = rule.fusion.fuse([parts[i] for i in range(rule.fusion.num_parts)]).contiguous()
                 del pending[target]
@@ -311,7 +320,9 @@ def load_hf_weights(
     with torch.no_grad():
         for name, value in state.items():
             if params[name].shape != value.shape:
-                raise ValueError(f"{name}: model shape {tuple(params[name].shape)} != converted {tuple(value.shape)}")
+                raise ValueError(
+                    f"{name}: model shape {tuple(params[name].shape)} != converted {tuple(value.shape)}"
+                )
             params[name].copy_(value)
 
 
@@ -418,8 +429,16 @@ def get_mapping(arch: str, hf_config, backend: Backend = "local") -> ArchMapping
 
 
 def _attention_mlp_rules(
-    m: str, h: str, stage: Stage, backend: Backend, *, qkv: QKVFusion, fused_hf_qkv: bool, bias: bool,
-    mlp_size: int | None, hf: dict[str, str],
+    m: str,
+    h: str,
+    stage: Stage,
+    backend: Backend,
+    *,
+    qkv: QKVFusion,
+    fused_hf_qkv: bool,
+    bias: bool,
+    mlp_size: int | None,
+    hf: dict[str, str],
 ) -> list[Rule]:
     """The rules of one pre-norm transformer layer. `m`/`h`: Megatron / HF layer prefixes; `hf`: HF leaf
     names (they differ between Qwen's vision blocks and its decoder layers)."""
@@ -434,15 +453,27 @@ def _attention_mlp_rules(
         Rule(f"{m}.self_attention.linear_qkv.bias", b_qkv, stage, 0, qkv, chunks),
         Rule(f"{m}.self_attention.linear_proj.weight", (f"{h}.{hf['proj']}.weight",), stage, 1),
         Rule(f"{m}.{norms['mlp_norm']}", (f"{h}.{hf['mlp_norm']}.weight",), stage),
-        Rule(f"{m}.mlp.linear_fc1.weight", tuple(f"{x}.weight" for x in gate_up), stage, 0, ConcatFusion(),
-             hf_size=mlp_size),
+        Rule(
+            f"{m}.mlp.linear_fc1.weight",
+            tuple(f"{x}.weight" for x in gate_up),
+            stage,
+            0,
+            ConcatFusion(),
+            hf_size=mlp_size,
+        ),
         Rule(f"{m}.mlp.linear_fc2.weight", (f"{h}.{hf['down']}.weight",), stage, 1, hf_size=mlp_size),
     ]
     if bias:  # vision blocks: every linear has a bias; row-parallel biases are replicated
         rules += [
             Rule(f"{m}.self_attention.linear_proj.bias", (f"{h}.{hf['proj']}.bias",), stage),
-            Rule(f"{m}.mlp.linear_fc1.bias", tuple(f"{x}.bias" for x in gate_up), stage, 0, ConcatFusion(),
-                 hf_size=mlp_size),
+            Rule(
+                f"{m}.mlp.linear_fc1.bias",
+                tuple(f"{x}.bias" for x in gate_up),
+                stage,
+                0,
+                ConcatFusion(),
+                hf_size=mlp_size,
+            ),
             Rule(f"{m}.mlp.linear_fc2.bias", (f"{h}.{hf['down']}.bias",), stage),
         ]
     return rules

@@ -145,7 +145,9 @@ class Qwen2_5_VisionRotary(nn.Module):
         super().__init__()
         spatial = head_dim // 2
         self.register_buffer(
-            "inv_freq", 1.0 / theta ** (torch.arange(0, spatial, 2, dtype=torch.float32) / spatial), persistent=False
+            "inv_freq",
+            1.0 / theta ** (torch.arange(0, spatial, 2, dtype=torch.float32) / spatial),
+            persistent=False,
         )
 
     def forward(self, positions: Tensor) -> Tensor:
@@ -157,11 +159,15 @@ class Qwen2_5_VisionRotary(nn.Module):
 class Qwen2_5_VisionPatchMerger(MegatronModule):
     """RMSNorm per patch, then concatenate merge x merge patches and apply Linear-GELU-Linear (TP-split)."""
 
-    def __init__(self, tower: TransformerConfig, merger: TransformerConfig, merge: int, backend: Backend) -> None:
+    def __init__(
+        self, tower: TransformerConfig, merger: TransformerConfig, merge: int, backend: Backend
+    ) -> None:
         super().__init__(config=merger)
         self.merged_size = tower.hidden_size * merge * merge
         self.ln_q = norm_module(backend)(config=tower, hidden_size=tower.hidden_size, eps=VISION_NORM_EPS)
-        self.mlp = MLP(merger, mlp_spec(backend), input_size=self.merged_size, ffn_hidden_size=self.merged_size)
+        self.mlp = MLP(
+            merger, mlp_spec(backend), input_size=self.merged_size, ffn_hidden_size=self.merged_size
+        )
 
     def forward(self, hidden: Tensor) -> Tensor:
         """[n_patches, h_vision] -> [n_patches / merge^2, h_out]."""
@@ -174,7 +180,9 @@ class Qwen2_5_VisionPatchMerger(MegatronModule):
 class Qwen2_5_VisionModel(MegatronModule):
     """pixel_values [n_patches, C*T*P*P] + grid_thw [n_images, 3] -> [n_patches / merge^2, h_out]."""
 
-    def __init__(self, hf_vision, tower: TransformerConfig, merger: TransformerConfig, backend: Backend) -> None:
+    def __init__(
+        self, hf_vision, tower: TransformerConfig, merger: TransformerConfig, backend: Backend
+    ) -> None:
         super().__init__(config=tower)
         self.in_channels = hf_vision.in_channels
         self.temporal_patch = hf_vision.temporal_patch_size
@@ -184,7 +192,11 @@ class Qwen2_5_VisionModel(MegatronModule):
         self.full_attention_layers = frozenset(hf_vision.fullatt_block_indexes)
         kernel = (self.temporal_patch, self.patch, self.patch)
         self.patch_embed = nn.Conv3d(
-            self.in_channels, tower.hidden_size, kernel_size=kernel, stride=kernel, bias=False,
+            self.in_channels,
+            tower.hidden_size,
+            kernel_size=kernel,
+            stride=kernel,
+            bias=False,
             dtype=tower.params_dtype,
         )
         rope = getattr(hf_vision, "rope_parameters", None) or {}

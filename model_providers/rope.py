@@ -17,9 +17,7 @@ import torch
 TEXT, IMAGE, VIDEO = 0, 1, 2
 
 
-def _token_types(
-    input_ids: torch.Tensor, image_token_id: int, video_token_id: int | None
-) -> torch.Tensor:
+def _token_types(input_ids: torch.Tensor, image_token_id: int, video_token_id: int | None) -> torch.Tensor:
     """[s] long: 0 text, 1 image placeholder, 2 video placeholder."""
     types = torch.zeros_like(input_ids)
     types[input_ids == image_token_id] = IMAGE
@@ -49,7 +47,9 @@ def _sample_positions(
             cursor += end - begin
             continue
         if not grids[kind]:
-            raise ValueError(f"more {'image' if kind == IMAGE else 'video'} placeholder runs than grids given")
+            raise ValueError(
+                f"more {'image' if kind == IMAGE else 'video'} placeholder runs than grids given"
+            )
         t, h, w = (int(x) for x in grids[kind].pop(0))
         h, w = h // spatial_merge_size, w // spatial_merge_size
         if t * h * w != end - begin:
@@ -134,4 +134,6 @@ def _check_vision_start(ids: torch.Tensor, types: torch.Tensor, vision_start_tok
     starts = torch.nonzero(run_start).flatten()
     bad = [int(i) for i in starts if i == 0 or int(ids[i - 1]) != vision_start_token_id]
     if bad:
-        raise ValueError(f"placeholder runs at {bad} are not preceded by vision_start ({vision_start_token_id})")
+        raise ValueError(
+            f"placeholder runs at {bad} are not preceded by vision_start ({vision_start_token_id})"
+        )
