@@ -28,13 +28,18 @@ MAX_REPORTED_REASONS = 5
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """(row index, parsed object or the JSON error) per non-blank line; row index = line number - 1."""
-    with path.open(encoding="utf-8") as f:
-        for index, line in enumerate(f):
-            if not line.strip():
+    """(row index, parsed object or the error) per non-blank line; row index = line number - 1.
+
+    Lines are decoded one by one so that a stray non-UTF-8 byte costs one row, not the whole file.
+    """
+    with path.open("rb") as f:
+        for index, raw in enumerate(f):
+            if not raw.strip():
                 continue
             try:
-                yield index, json.loads(line)
+                yield index, json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                yield index, RowError(index, None, "<line>", f"not UTF-8: {exc}")
             except json.JSONDecodeError as exc:
                 yield index, RowError(index, None, "<json>", f"invalid JSON: {exc}")
 
@@ -67,7 +72,9 @@ def count_prompt_tokens(example: Example, tokenizer: Any) -> int:
     tok = getattr(tokenizer, "tokenizer", tokenizer)
     if getattr(tokenizer, "chat_template", None) or getattr(tok, "chat_template", None):
         renderer = tokenizer if getattr(tokenizer, "chat_template", None) else tok
-        text = renderer.apply_chat_template(build_messages(example), tokenize=False, add_generation_prompt=True)
+        text = renderer.apply_chat_template(
+            build_messages(example), tokenize=False, add_generation_prompt=True
+        )
     else:
         text = render_prompt_text(example)
     return len(tok(text, add_special_tokens=False)["input_ids"])
@@ -134,8 +141,13 @@ class PromptDataset(Sequence[Example]):
                 if isinstance(row, RowError):
                     raise row
                 example = parse_row(
-                    row, index, base_dir=path.parent, uid_prefix=path.stem, max_images=max_images,
-                    require_expert=require_expert, verify_images=verify_images,
+                    row,
+                    index,
+                    base_dir=path.parent,
+                    uid_prefix=path.stem,
+                    max_images=max_images,
+                    require_expert=require_expert,
+                    verify_images=verify_images,
                 )
             except RowError as exc:
                 num_skipped += 1
@@ -150,17 +162,26 @@ class PromptDataset(Sequence[Example]):
         if num_skipped:
             logger.warning(
                 "%s: skipped %d of %d rows as corrupt; first reasons: %s",
-                path, num_skipped, num_rows, "; ".join(reasons),
+                path,
+                num_skipped,
+                num_rows,
+                "; ".join(reasons),
             )
         if not examples:
             detail = f"{num_rows} rows, {num_skipped} corrupt, {num_filtered} over max_prompt_tokens"
             hint = f"; first reasons: {'; '.join(reasons)}" if reasons else ""
             raise ValueError(f"no usable example in data file {path} ({detail}){hint}")
         if num_filtered:
-            logger.info("%s: %d rows over max_prompt_tokens=%s filtered out", path, num_filtered, max_prompt_tokens)
+            logger.info(
+                "%s: %d rows over max_prompt_tokens=%s filtered out", path, num_filtered, max_prompt_tokens
+            )
         return cls(
-            examples, source=str(path), num_skipped=num_skipped, skip_reasons=reasons,
-            num_filtered=num_filtered, seed=seed,
+            examples,
+            source=str(path),
+            num_skipped=num_skipped,
+            skip_reasons=reasons,
+            num_filtered=num_filtered,
+            seed=seed,
         )
 
     def __len__(self) -> int:
@@ -239,21 +260,32 @@ class PromptSampler:
 
     def state_dict(self) -> dict[str, int]:
         """Everything needed to resume; `dataset_len` and `seed` are saved to catch a changed data set."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "dataset_len": self.dataset_len}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "dataset_len": self.dataset_len,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Resume from `state_dict()`; refuses a state taken over a different data set length or seed,
         since the cursor would then silently point into a different order."""
         for key in ("seed", "dataset_len"):
             if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"sampler state has {key}={state[key]}, this sampler has {getattr(self, key)}")
+                raise ValueError(
+                    f"sampler state has {key}={state[key]}, this sampler has {getattr(self, key)}"
+                )
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position < self.dataset_len:
-            raise ValueError(f"bad sampler state epoch={epoch} position={position} (dataset_len={self.dataset_len})")
+            raise ValueError(
+                f"bad sampler state epoch={epoch} position={position} (dataset_len={self.dataset_len})"
+            )
         self.epoch, self.position = epoch, position
 
 
-def split(dataset: PromptDataset, heldout_fraction: float, seed: int | None = None) -> tuple[PromptDataset, PromptDataset]:
+def split(
+    dataset: PromptDataset, heldout_fraction: float, seed: int | None = None
+) -> tuple[PromptDataset, PromptDataset]:
     """Deterministic (train, eval) split; eval gets round(fraction * len) examples, at least one.
 
     Both sides keep the original file order (only membership is random), so eval reports list prompts in

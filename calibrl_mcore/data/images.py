@@ -56,8 +56,10 @@ class ImageRef:
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.data is None):
-            raise ValueError(f"ImageRef needs exactly one of path / data, got path={self.path!r} and "
-                             f"{'no' if self.data is None else len(self.data)} data bytes")
+            raise ValueError(
+                f"ImageRef needs exactly one of path / data, got path={self.path!r} and "
+                f"{'no' if self.data is None else len(self.data)} data bytes"
+            )
 
     @classmethod
     def from_source(cls, src: object, base_dir: str | os.PathLike[str] | None = None) -> ImageRef:
@@ -109,7 +111,7 @@ class ImageRef:
             return Image.open(io.BytesIO(self.data or b""))
         except FileNotFoundError as exc:
             raise ImageLoadError(f"image file not found: {self.path}") from exc
-        except (UnidentifiedImageError, OSError) as exc:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise ImageLoadError(f"cannot decode image {self.describe()}: {exc}") from exc
 
     def verify(self) -> None:
@@ -121,7 +123,7 @@ class ImageRef:
         img = self._open()
         try:
             img.load()
-        except (OSError, SyntaxError, ValueError) as exc:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise ImageLoadError(f"cannot decode image {self.describe()}: {exc}") from exc
         finally:
             img.close()
@@ -132,7 +134,7 @@ class ImageRef:
         try:
             img.load()
             return _to_rgb(img)
-        except (OSError, SyntaxError, ValueError) as exc:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise ImageLoadError(f"cannot decode image {self.describe()}: {exc}") from exc
         finally:
             img.close()
@@ -140,7 +142,9 @@ class ImageRef:
 
 # Anything `load_image` understands: a path (str / PathLike), encoded bytes, an HF-datasets image struct
 # {"bytes": ..., "path": ...}, a `data:image/...;base64,` URI, an already decoded PIL image, or an ImageRef.
-ImageSource: TypeAlias = str | os.PathLike[str] | bytes | bytearray | Mapping[str, Any] | Image.Image | ImageRef
+ImageSource: TypeAlias = (
+    str | os.PathLike[str] | bytes | bytearray | Mapping[str, Any] | Image.Image | ImageRef
+)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

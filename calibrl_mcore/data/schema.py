@@ -94,7 +94,9 @@ def _image_values(value: Any) -> list[Any]:
     return [value]
 
 
-def _parse_experts(index: int, uid: str, key: str | None, value: Any, answer: str, required: bool) -> list[str]:
+def _parse_experts(
+    index: int, uid: str, key: str | None, value: Any, answer: str, required: bool
+) -> list[str]:
     if key is None:
         if required:
             raise RowError(index, uid, "/".join(EXPERT_KEYS), "missing (an expert solution is required)")
@@ -144,15 +146,19 @@ def parse_row(
     uid = str(uid_value) if uid_value is not None else f"{uid_prefix}-{index}"
 
     q_key, q_value = _first_present(row, QUESTION_KEYS)
-    question = _as_text(q_value)
+    question = q_value if isinstance(q_value, str) else None  # a numeric "question" is a schema mix-up
     if question is None or not question.strip():
         field_name = q_key or "/".join(QUESTION_KEYS)
-        raise RowError(index, uid, field_name, "missing or empty" if q_key is None else "not a non-empty string")
+        raise RowError(
+            index, uid, field_name, "missing or empty" if q_key is None else "not a non-empty string"
+        )
 
     a_key, a_value = _first_present(row, ANSWER_KEYS)
     answer = _as_text(a_value)
     if answer is None or not answer.strip():
-        raise RowError(index, uid, "answer", "missing or empty" if a_key is None else "not a non-empty string")
+        raise RowError(
+            index, uid, "answer", "missing or empty" if a_key is None else "not a non-empty string"
+        )
     answer = answer.strip()
 
     e_key, e_value = _first_present(row, EXPERT_KEYS)
@@ -164,7 +170,9 @@ def parse_row(
         raise RowError(index, uid, i_key or "images", f"{len(images)} images > max_images={max_images}")
     placeholders = count_image_placeholders(question)
     if placeholders not in (0, len(images)):
-        raise RowError(index, uid, q_key or "question", f"{placeholders} <image> placeholders for {len(images)} images")
+        raise RowError(
+            index, uid, q_key or "question", f"{placeholders} <image> placeholders for {len(images)} images"
+        )
 
     meta = {k: v for k, v in row.items() if k not in _CONSUMED}
     if isinstance(row.get("meta"), Mapping):

@@ -137,8 +137,11 @@ def _task_clock(rng: random.Random, size: int) -> _Task:
     for k in range(12):
         a = math.radians(k * 30)
         inner = rad * (0.72 if k % 3 == 0 else 0.82)
-        draw.line((c + inner * math.sin(a), c - inner * math.cos(a), c + rad * math.sin(a), c - rad * math.cos(a)),
-                  fill=_GREY, width=1)
+        draw.line(
+            (c + inner * math.sin(a), c - inner * math.cos(a), c + rad * math.sin(a), c - rad * math.cos(a)),
+            fill=_GREY,
+            width=1,
+        )
     dot = max(1.5, size / 28)
     draw.ellipse((c - dot, c - rad * 0.6 - dot, c + dot, c - rad * 0.6 + dot), fill=_COLORS["red"])
     a = math.radians(hour * 30)  # 0 degrees = 12 o'clock, clockwise (image y grows downwards)
@@ -169,7 +172,8 @@ def _task_triangle(rng: random.Random, size: int) -> _Task:
     # triangles are thus stretched sideways: the printed numbers, not the drawing, carry the angles.
     sx = (right - left) / (max(xs) - min(xs))
     sy = min(sx, (bottom - top) / max(ys))
-    pts = [(left + sx * (x - min(xs)), bottom - sy * y) for x, y in zip(xs, ys)]  # [(x, y) image coords] A, B, C
+    # Vertices A, B, C in image coordinates (y grows downwards).
+    pts = [(left + sx * (x - min(xs)), bottom - sy * y) for x, y in zip(xs, ys)]
     img = Image.new("RGB", (size, size), _WHITE)
     draw = ImageDraw.Draw(img)
     draw.polygon(pts, outline=_BLACK, width=1)
@@ -282,12 +286,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kinds", nargs="+", default=list(TASK_KINDS), choices=TASK_KINDS)
     args = parser.parse_args(argv)
     readme = generate_synthetic(
-        args.out, args.n, seed=args.seed, expert_noise=args.expert_noise, heldout=args.heldout,
-        image_size=args.image_size, kinds=args.kinds,
+        args.out,
+        args.n,
+        seed=args.seed,
+        expert_noise=args.expert_noise,
+        heldout=args.heldout,
+        image_size=args.image_size,
+        kinds=args.kinds,
     )
     splits = readme["splits"]
-    print(f"wrote {splits['train']['n']} train / {splits['eval']['n']} eval rows to {args.out} "
-          f"({splits['train']['expert_corrupted']} corrupted experts)")
+    print(
+        f"wrote {splits['train']['n']} train / {splits['eval']['n']} eval rows to {args.out} "
+        f"({splits['train']['expert_corrupted']} corrupted experts)"
+    )
     return 0
 
 
