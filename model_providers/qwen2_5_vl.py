@@ -229,7 +229,8 @@ def build_qwen2_5_vl(
     """Build this rank's stage of Qwen2.5-VL. Needs Megatron's parallel_state (`init_distributed`).
 
     `spec`: 'local' (Megatron's PyTorch modules, CPU), 'te' (Transformer Engine, GPU) or 'auto'.
-    Weights are randomly initialised; load HF weights with `hf_mapping.load_hf_weights`.
+    Weights are randomly initialised; load HF weights with `hf_mapping.load_hf_weights`. On a CUDA
+    machine the model is moved to the current device.
     """
     backend = resolve_backend(spec)
     config = language_config(
@@ -240,7 +241,7 @@ def build_qwen2_5_vl(
         backend=backend,
         sequence_parallel=sequence_parallel,
     )
-    return Qwen2_5_VLModel(
+    model = Qwen2_5_VLModel(
         hf_config,
         config,
         backend,
@@ -248,3 +249,7 @@ def build_qwen2_5_vl(
         post_process=post_process,
         parallel_output=parallel_output,
     )
+    if torch.cuda.is_available():
+        # Like Megatron-LM's get_model: norms, the patch Conv3d and buffers are built on the CPU.
+        model.cuda(torch.cuda.current_device())
+    return model
