@@ -1,0 +1,102 @@
+"""`calibrl` command line: train | sft | eval | serve | data synth | convert | demo.
+
+    calibrl train --config configs/tiny_cpu.yaml algo.name=grpo train.steps=5
+    torchrun --nproc_per_node 4 -m calibrl_mcore.cli train --config X.yaml parallel.tensor_model_parallel_size=2
+
+Everything after the sub-command's flags is a `key.sub=value` override. Entry points are import-safe
+(Megatron's checkpoint writer starts spawn-context processes that re-import `__main__`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _config(args: argparse.Namespace):
+    from calibrl_mcore.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML config (keys documented in configs/defaults.yaml)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from calibrl_mcore.trainer.loop import train
+
+    train(_config(args))
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from calibrl_mcore.trainer.sft import sft
+
+    out = sft(_config(args))
+    print(f"SFT checkpoint written to {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from calibrl_mcore.trainer.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(_config(args), model_path=args.model)
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from calibrl_mcore.demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Sub-commands that own their argument parsing.
+    if argv[:1] == ["serve"]:
+        from rollout.server import main as serve_main
+
+        return serve_main(argv[1:])
+    if argv[:2] == ["data", "synth"]:
+        from calibrl_mcore.data.synth import main as synth_main
+
+        return synth_main(argv[2:])
+    if argv[:1] == ["convert"]:
+        from tools.convert_checkpoint import main as convert_main
+
+        return convert_main(argv[1:])
+
+    parser = argparse.ArgumentParser(prog="calibrl", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, help_ in (
+        ("train", cmd_train, "RL training (GRPO / DAPO / LUFFY / RL-PLUS / CalibRL)"),
+        ("sft", cmd_sft, "supervised warm start on expert solutions"),
+    ):
+        p = sub.add_parser(name, help=help_)
+        _add_config_args(p)
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("eval", help="greedy accuracy (acc × fmt) on data.eval_path")
+    p.add_argument("--model", default=None, help="HF checkpoint to evaluate (default: model.hf_path)")
+    _add_config_args(p)
+    p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("demo", help="the CPU demo: synthetic data, tiny VL model, SFT, CalibRL vs GRPO")
+    p.add_argument("--out", default="runs/demo", help="output folder")
+    p.add_argument("--quick", action="store_true", help="a much shorter run (CI smoke)")
+    p.set_defaults(fn=cmd_demo)
+    sub.add_parser("serve", help="rollout server (see `calibrl serve --help`)")
+    sub.add_parser("data", help="`calibrl data synth --out DIR --n N`")
+    sub.add_parser("convert", help="HF <-> Megatron checkpoint conversion")
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""Typed run configuration (OmegaConf structured configs).
+
+`load_config(path, overrides)` merges, in order: these dataclass defaults, `configs/defaults.yaml`
+semantics (identical values, documented there key by key), the user's YAML, then `key.sub=value`
+command-line overrides. Unknown keys and wrong types are errors that name the key. Each component
+receives only its own section (`cfg.algo`, `cfg.rollout`, ...), never the whole config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+@dataclass
+class ModelConfig:
+    hf_path: str = ""
+    """HF checkpoint directory (config, safetensors, tokenizer, processor) the policy starts from."""
+    arch: str = "auto"
+    """'qwen2_5_vl', 'internvl' or 'auto' (read from the checkpoint's config.json)."""
+    dtype: str = "fp32"
+    """training parameter dtype: 'fp32' (CPU) or 'bf16' (GPU)."""
+    spec: str = "auto"
+    """layer spec: 'local' (CPU), 'te' (Transformer Engine), 'auto' (te on GPU when installed)."""
+
+
+@dataclass
+class ParallelSection:
+    tensor_model_parallel_size: int = 1
+    """TP degree (must divide attention heads and KV groups)."""
+    pipeline_model_parallel_size: int = 1
+    """PP degree (must divide the decoder layers); 1F1B schedule."""
+    context_parallel_size: int = 1
+    """CP degree; > 1 needs Transformer Engine (GPU)."""
+    seed: int = 1234
+    """seed for parameter init, dropout and the trainer's RNGs."""
+
+
+@dataclass
+class DataConfig:
+    train_path: str = ""
+    """training prompts (.jsonl or .parquet, ViRL-style schema)."""
+    eval_path: str = ""
+    """held-out prompts for `calibrl eval` and periodic evaluation ('' = none)."""
+    max_prompt_tokens: int = 1024
+    """prompts longer than this (after image-token expansion) are filtered out."""
+    max_images: int = 10
+    """images per prompt above this are an error for that row (skipped and counted)."""
+    seed: int = 0
+    """shuffling seed (the sampler's order is resumable)."""
+
+
+@dataclass
+class RolloutConfig:
+    urls: list[str] = field(default_factory=list)
+    """external rollout servers; empty = start the embedded server as a child process on loopback."""
+    engine: str = "embedded"
+    """engine of a server the trainer starts itself: 'embedded' (CPU/GPU), 'sglang', 'vllm'."""
+    n_samples: int = 4
+    """G: on-policy samples per prompt (the paper: 10)."""
+    temperature: float = 1.0
+    """sampling temperature for training rollouts (validation is greedy)."""
+    top_p: float = 1.0
+    """nucleus sampling."""
+    top_k: int = -1
+    """top-k sampling (-1 = off)."""
+    max_new_tokens: int = 64
+    """maximum response length."""
+    timeout_s: float = 600.0
+    """per-request timeout of the rollout client."""
+    max_retries: int = 3
+    """client retries (with backoff) before a rollout step fails."""
+    api_key: str = ""
+    """API key for weight-update routes ('' = none)."""
+    weight_sync_bucket_mb: int = 64
+    """weights are pushed to the server in buckets of at most this size."""
+
+
+@dataclass
+class AlgoConfig:
+    name: str = "calibrl"
+    """one of grpo, dapo, luffy, rlplus, calibrl."""
+    alpha: float = 0.5
+    """CalibRL LeakyReLU slope on the already-calibrated side."""
+    lam: float = 0.1
+    """CalibRL weight λ of the calibration term."""
+    clip_low: float = 0.2
+    """PPO ε_low."""
+    clip_high: float = 0.2
+    """PPO ε_high (DAPO: 0.28)."""
+    dual_clip: float = 3.0
+    """dual-clip constant c for A < 0 (0 = off)."""
+    agg: str = "token-mean"
+    """token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm."""
+    norm_by_std: bool = False
+    """divide advantages by the group std (GRPO option)."""
+    pass_threshold: float = 0.1
+    """a rollout passes when its reward is above this."""
+    format_weight: float = 0.1
+    """r = acc + format_weight · fmt."""
+    entropy_coef: float = 0.0
+    """entropy bonus coefficient (subtracted from the loss)."""
+    kl_coef: float = 0.0
+    """k3 KL-to-reference coefficient (needs a reference model when > 0)."""
+    expert_mask: bool = False
+    """CalibRL: mask positions past the expert's length instead of using b_t = 0 there."""
+    luffy_gamma: float = 0.1
+    """LUFFY policy-shaping γ in f(π) = π/(π+γ)."""
+    rlplus_exponent: float = 0.5
+    """RL-PLUS exploration weight exponent in (1 − π)^κ."""
+    dynamic_sampling: bool = False
+    """DAPO: drop groups whose rewards all agree (defaults to on for dapo)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    """peak learning rate (paper: 1e-6 constant)."""
+    lr_schedule: str = "constant"
+    """constant | cosine | linear (after warm-up)."""
+    warmup_steps: int = 0
+    """linear warm-up optimizer steps."""
+    min_lr: float = 0.0
+    """floor of cosine/linear decay."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """global gradient-norm clip (0 = off)."""
+    adam_beta1: float = 0.9
+    """Adam β1."""
+    adam_beta2: float = 0.999
+    """Adam β2."""
+    adam_eps: float = 1e-8
+    """Adam ε."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10
+    """rollout steps (each: rollout → advantages → mini-batch updates → weight sync)."""
+    prompts_per_step: int = 8
+    """prompts per rollout step, over all DP ranks (paper: 480)."""
+    mini_batches_per_step: int = 1
+    """optimizer steps per rollout step (paper: 480/120 = 4); one PPO epoch."""
+    micro_batch_size: int = 4
+    """sequences per micro-batch (sorted by length so padding stays small)."""
+    run_dir: str = "runs/default"
+    """metrics.jsonl, TensorBoard events, resolved config and checkpoints go here."""
+    eval_every: int = 0
+    """evaluate on data.eval_path every N steps (0 = only at the end if eval_path is set)."""
+    eval_prompts: int = 64
+    """held-out prompts per evaluation."""
+    tensorboard: bool = True
+    """also write TensorBoard events."""
+    progress: bool = True
+    """tqdm progress bar on rank 0."""
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 50
+    """SFT optimizer steps on expert solutions."""
+    lr: float = 1e-3
+    """SFT learning rate."""
+    batch_size: int = 8
+    """examples per SFT step (global)."""
+    out_dir: str = ""
+    """where the warm-started HF checkpoint is written ('' = <run_dir>/sft_hf)."""
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 0
+    """save every N rollout steps (0 = only at the end)."""
+    keep_last: int = 2
+    """complete checkpoints kept (older ones are deleted)."""
+    resume: bool = True
+    """resume from <run_dir>/checkpoints/latest when it exists."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.arch": ("auto", "qwen2_5_vl", "internvl"),
+    "model.dtype": ("fp32", "bf16"),
+    "model.spec": ("auto", "local", "te"),
+    "rollout.engine": ("embedded", "sglang", "vllm"),
+    "algo.name": ("grpo", "dapo", "luffy", "rlplus", "calibrl"),
+    "algo.agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
+    "optim.lr_schedule": ("constant", "cosine", "linear"),
+}
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key."""
+
+
+def _validate(cfg: Config) -> None:
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
+    positive = ["rollout.n_samples", "rollout.max_new_tokens", "train.prompts_per_step",
+                "train.mini_batches_per_step", "train.micro_batch_size", "sft.batch_size"]
+    for key in positive:
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) <= 0:
+            raise ConfigError(f"{key} must be > 0, got {getattr(getattr(cfg, section), name)}")
+    if cfg.train.prompts_per_step % cfg.train.mini_batches_per_step:
+        raise ConfigError(
+            f"train.prompts_per_step={cfg.train.prompts_per_step} must be divisible by "
+            f"train.mini_batches_per_step={cfg.train.mini_batches_per_step}"
+        )
+    if not 0.0 <= cfg.algo.alpha <= 1.0:
+        raise ConfigError(f"algo.alpha must be in [0, 1], got {cfg.algo.alpha}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults ← YAML file ← `key.sub=value` overrides; returns a validated typed `Config`."""
+    base = OmegaConf.structured(Config)
+    layers: list[Any] = [base]
+    try:
+        if path:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist")
+            layers.append(OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
+            layers.append(OmegaConf.from_dotlist(overrides))
+        merged = OmegaConf.merge(*layers)
+    except OmegaConfBaseException as exc:
+        where = f" in {path}" if path else ""
+        key = getattr(exc, "full_key", None)
+        raise ConfigError(f"config error{where} at key {key!r}: {exc.msg if hasattr(exc, 'msg') else exc}") from exc
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    _validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    """The fully resolved config, saved in every run directory and checkpoint."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def as_dictconfig(cfg: Config) -> DictConfig:
+    return OmegaConf.structured(cfg)
+
+
+def field_docs() -> dict[str, str]:
+    """`section.key` -> the attribute docstring written under each field above (read from the source)."""
+    import ast
+    import inspect
+    import sys
+
+    tree = ast.parse(inspect.getsource(sys.modules[__name__]))
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    sections = {
+        stmt.target.id: stmt.annotation.id
+        for stmt in classes["Config"].body
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.annotation, ast.Name)
+    }
+    docs: dict[str, str] = {}
+    for section, cls_name in sections.items():
+        body = classes[cls_name].body
+        for stmt, nxt in zip(body, body[1:] + [None]):
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                doc = ""
+                if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                    doc = " ".join(str(nxt.value.value).split())
+                docs[f"{section}.{stmt.target.id}"] = doc
+    return docs
+
+
+def render_defaults_yaml() -> str:
+    """configs/defaults.yaml: every key with its default and its documentation as a comment."""
+    docs = field_docs()
+    defaults = OmegaConf.to_container(OmegaConf.structured(Config))
+    lines = ["# calibrl-mcore: every config key, its default and what it means.",
+             "# Generated from calibrl_mcore/config.py (python -m calibrl_mcore.config > configs/defaults.yaml);",
+             "# a test checks that this file and the dataclasses agree.", ""]
+    for section, values in defaults.items():
+        lines.append(f"{section}:")
+        for key, value in values.items():
+            rendered = OmegaConf.to_yaml({key: value}).strip().replace("\n", "\n  ")
+            lines.append(f"  # {docs[f'{section}.{key}']}")
+            lines.append(f"  {rendered}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render_defaults_yaml(), end="")

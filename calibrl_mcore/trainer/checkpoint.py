@@ -1,0 +1,120 @@
+"""Checkpoints: Megatron distributed checkpoint (model + optimizer, reloadable at any TP/PP/DP) plus the
+trainer state, written to a temporary directory and renamed into place.
+
+Layout of `<root>/step_00000012/`: `megatron/` (dist_checkpointing), `trainer_state.json` (step, weight
+version, data cursor), `rank<R>.pt` (that rank's RNG states and LR-scheduler state), `config.yaml`,
+`COMPLETE`. `<root>/latest` names the newest directory that has `COMPLETE`; it is replaced atomically
+(write + rename) only after the rename of the checkpoint itself, so a kill at any point leaves `latest`
+naming a complete checkpoint (or nothing). Leftover `.tmp-*` directories are never loaded and are
+cleaned up by the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+
+log = logging.getLogger(__name__)
+
+
+def _rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("tracker"):
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+class CheckpointManager:
+    def __init__(self, root: Path, keep_last: int = 2) -> None:
+        self.root = Path(root)
+        self.keep_last = max(1, keep_last)
+
+    # -- discovery -------------------------------------------------------------------------------------
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest"
+        if not pointer.is_file():
+            return None
+        path = self.root / pointer.read_text().strip()
+        if not (path / "COMPLETE").is_file():
+            log.warning("%s names %s, which is not a complete checkpoint: ignoring it", pointer, path)
+            return None
+        return path
+
+    def complete(self) -> list[Path]:
+        return sorted(p for p in self.root.glob("step_*") if (p / "COMPLETE").is_file())
+
+    # -- save / load -----------------------------------------------------------------------------------
+
+    def save(self, step: int, policy, trainer_state: dict, *, config_yaml: str = "") -> Path:
+        """Collective: every rank calls it."""
+        rank = dist.get_rank()
+        final = self.root / f"step_{step:08d}"
+        tmp = self.root / f".tmp-step_{step:08d}"
+        if rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            (tmp / "megatron").mkdir(parents=True)
+        dist.barrier()
+        model_sd = policy.model.module.sharded_state_dict()
+        sharded = {"model": model_sd, "optimizer": policy.optimizer.sharded_state_dict(model_sd)}
+        dist_checkpointing.save(sharded, str(tmp / "megatron"))
+        torch.save({"rng": _rng_state(), "scheduler": policy.scheduler.state_dict()}, tmp / f"rank{rank}.pt")
+        dist.barrier()
+        if rank == 0:
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+            (tmp / "config.yaml").write_text(config_yaml)
+            (tmp / "COMPLETE").write_text(f"step {step}\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            pointer_tmp = self.root / "latest.tmp"
+            pointer_tmp.write_text(final.name + "\n")
+            os.replace(pointer_tmp, self.root / "latest")
+            for old in self.complete()[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+        return final
+
+    def load(self, path: Path, policy) -> dict:
+        """Collective: loads model + optimizer (any layout) and this rank's RNG/scheduler state if present."""
+        path = Path(path)
+        if not (path / "COMPLETE").is_file():
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
+        model_sd = policy.model.module.sharded_state_dict()
+        sharded = {"model": model_sd, "optimizer": policy.optimizer.sharded_state_dict(model_sd, is_loading=True)}
+        state = dist_checkpointing.load(sharded, str(path / "megatron"))
+        policy.model.module.load_state_dict(state["model"])
+        policy.optimizer.load_state_dict(state["optimizer"])
+        rank_file = path / f"rank{dist.get_rank()}.pt"
+        if rank_file.is_file():
+            extra = torch.load(rank_file, weights_only=False)
+            _set_rng_state(extra["rng"])
+            policy.scheduler.load_state_dict(extra["scheduler"])
+        else:
+            log.warning("%s has no state for rank %d (different layout): RNG/scheduler start fresh",
+                        path, dist.get_rank())
+        return json.loads((path / "trainer_state.json").read_text())

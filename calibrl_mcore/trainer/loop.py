@@ -1,0 +1,340 @@
+"""The CalibRL training step, top to bottom (`calibrl train`).
+
+    rows    = rollout(prompts)                   # rank 0: G samples/prompt + rewards + expert rows
+    local   = this DP rank's rows                # groups may straddle ranks
+    stats   = group advantages, DP-reduced       # identical to one process
+    old, b  = old-policy log-probs of the rows and of the groups' experts (forward-only schedule)
+    for each mini-batch:                         # one PPO epoch
+        fwd/bwd through Megatron's schedule with the selected loss; optimizer step
+    sync weights to the rollout server; log metrics; checkpoint
+
+Every rank runs this code; only rank 0 talks to the rollout server and writes logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from calibrl_mcore.algo.advantages import compute_group_advantages
+from calibrl_mcore.algo.aggregation import compute_loss_normalizer
+from calibrl_mcore.config import Config, to_yaml
+from calibrl_mcore.data.dataset import PromptDataset, PromptSampler
+from calibrl_mcore.parallel import ParallelConfig, destroy_distributed, init_distributed
+from calibrl_mcore.trainer.batch import Row, chunk_by_length, collate, padding_fraction
+from calibrl_mcore.trainer.checkpoint import CheckpointManager
+from calibrl_mcore.trainer.metrics import MetricsLogger, from_last_stage, mean_of, reduce_shares
+from calibrl_mcore.trainer.objective import logprob_fn, rl_loss_fn
+from calibrl_mcore.trainer.policy import MegatronPolicy, MicroBatch
+from calibrl_mcore.trainer.rollout_stage import RolloutFailure, RolloutStage
+from calibrl_mcore.trainer.weight_sync import WeightSync
+from model_providers.registry import position_ids
+from rollout.client import RolloutClient
+from rollout.launcher import EmbeddedServerProcess
+
+log = logging.getLogger(__name__)
+TRAINS_EXPERT_ROWS = {"luffy", "rlplus"}  # families whose loss has an off-policy expert term
+
+
+class Trainer:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.info = init_distributed(ParallelConfig(
+            tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
+            pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
+            context_parallel_size=cfg.parallel.context_parallel_size,
+            seed=cfg.parallel.seed,
+        ))
+        self.is_rank0 = self.info.rank == 0
+        self.run_dir = Path(cfg.train.run_dir)
+        total_updates = cfg.train.steps * cfg.train.mini_batches_per_step
+        self.policy = MegatronPolicy(cfg.model, cfg.optim, total_steps=total_updates)
+        self.position_ids = lambda ids, grid, attn: position_ids(self.policy.hf_config, ids, grid, attn)
+        self.dataset = PromptDataset.from_path(cfg.data.train_path, max_images=cfg.data.max_images,
+                                               seed=cfg.data.seed)
+        if self.dataset.num_skipped:
+            log.warning("%s: skipped %d corrupt rows", cfg.data.train_path, self.dataset.num_skipped)
+        self.sampler = PromptSampler(len(self.dataset), seed=cfg.data.seed)
+        self.eval_set = PromptDataset.from_path(cfg.data.eval_path, seed=cfg.data.seed) if cfg.data.eval_path else None
+        self.step = 0
+        self.weight_version = 0
+        self._check_layout()
+        self.server, self.stage, urls = None, None, [list(cfg.rollout.urls)]
+        if self.is_rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not urls[0]:  # colocated: our own embedded server, a child process on loopback
+                if cfg.rollout.engine != "embedded":
+                    raise ValueError(f"rollout.engine={cfg.rollout.engine!r} needs rollout.urls of running servers")
+                self.server = EmbeddedServerProcess(cfg.model.hf_path, api_key=cfg.rollout.api_key,
+                                                    log_path=self.run_dir / "rollout_server.log").start()
+                urls = [[self.server.url]]
+            client = RolloutClient(urls[0], api_key=cfg.rollout.api_key or None, timeout=cfg.rollout.timeout_s,
+                                   max_retries=cfg.rollout.max_retries)
+            self.stage = RolloutStage(cfg.rollout, cfg.algo, cfg.model.hf_path, client)
+        dist.broadcast_object_list(urls, src=0)
+        pad = [self.stage.pad_id if self.stage else 0]
+        dist.broadcast_object_list(pad, src=0)
+        self.pad_id = pad[0]
+        self.sync = WeightSync(self.policy, urls[0], api_key=cfg.rollout.api_key,
+                               bucket_mb=cfg.rollout.weight_sync_bucket_mb, timeout_s=cfg.rollout.timeout_s)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
+        self.logger = MetricsLogger(self.run_dir, enabled=self.is_rank0, tensorboard=cfg.train.tensorboard,
+                                    progress_total=cfg.train.steps if cfg.train.progress else None)
+        if self.is_rank0:
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+    def _check_layout(self) -> None:
+        """Every DP rank needs rows in every mini-batch (DDP's gradient all-reduce is collective)."""
+        t, dp = self.cfg.train, parallel_state.get_data_parallel_world_size()
+        rows = t.prompts_per_step * self.cfg.rollout.n_samples // t.mini_batches_per_step
+        if rows < dp:
+            raise ValueError(
+                f"train.prompts_per_step × rollout.n_samples / train.mini_batches_per_step = {rows} rows per "
+                f"mini-batch, fewer than the {dp} data-parallel ranks: raise prompts_per_step"
+            )
+
+    # ------------------------------------------------------------------------------------------- driver
+
+    def train(self) -> dict[str, float]:
+        cfg = self.cfg
+        if cfg.checkpoint.resume and self.ckpt.latest() is not None:
+            self._load(self.ckpt.latest())
+            self.sync.push(self.weight_version)  # the server restarted from the HF weights: bring it up to date
+        metrics: dict[str, float] = {}
+        while self.step < cfg.train.steps:
+            metrics = self.train_step()
+            self.step += 1
+            metrics["step"] = float(self.step)
+            if self.eval_set is not None and cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                metrics.update(self.evaluate())
+            self.logger.log(self.step, metrics)
+            if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
+                self._save()
+        if self.eval_set is not None and not cfg.train.eval_every:
+            final = self.evaluate()
+            metrics.update(final)
+            self.logger.log(self.step, final)
+        self._save()
+        return metrics
+
+    def train_step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        rows, metrics = self.rollout()
+        local = self.local_rows(rows)
+        stats = self.advantages(rows, local)
+        old, expert = self.old_logprobs(rows, local)
+        t_train = time.perf_counter()
+        per_mini_batch = [self.update(rows, mb_rows, stats, old, expert) for mb_rows in self.mini_batches(rows, local)]
+        last_stage = mean_of(per_mini_batch)
+        last_stage.update(self.rollout_train_mismatch(rows, local, old))
+        metrics.update(from_last_stage(last_stage))
+        metrics["time/train_s"] = time.perf_counter() - t_train
+        t_sync = time.perf_counter()
+        self.weight_version += 1
+        self.sync.push(self.weight_version)
+        metrics["time/weight_sync_s"] = time.perf_counter() - t_sync
+        metrics["time/step_s"] = time.perf_counter() - t0
+        return metrics
+
+    # ------------------------------------------------------------------------------------------- stages
+
+    def rollout(self) -> tuple[list[Row], dict[str, float]]:
+        """Rank 0 samples the step's prompts and rolls them out; every rank receives the same rows.
+
+        If the servers fail (after the client's retries), rank 0 restarts its colocated server, all ranks
+        re-push the current weights, and the step's rollout is retried once.
+        """
+        for attempt in range(2):
+            payload: list = [None]
+            if self.is_rank0:
+                cursor = self.sampler.state_dict()
+                examples = [self.dataset[i] for i in self.sampler.next_batch(self.cfg.train.prompts_per_step)]
+                try:
+                    rows, metrics = self.stage.collect(self.step, examples, first_group_id=self.step * 1_000_000)
+                    metrics.update(self._reward_metrics(rows))
+                    payload = [("ok", rows, metrics, self.sampler.state_dict())]
+                except RolloutFailure as exc:
+                    if attempt == 1 or self.server is None:
+                        raise
+                    log.warning("rollout failed (%s): restarting the rollout server and retrying the step", exc)
+                    self.sampler.load_state_dict(cursor)
+                    self.server.ensure_alive()
+                    payload = [("restarted",)]
+            dist.broadcast_object_list(payload, src=0)
+            if payload[0][0] == "ok":
+                _, rows, metrics, sampler_state = payload[0]
+                self.sampler.load_state_dict(sampler_state)  # every rank's cursor identical (checkpoints)
+                metrics["rollout/server_restarts"] = float(self.server.restarts if self.server else 0)
+                return rows, metrics
+            self.sync.push(self.weight_version)  # the restarted server came up with the initial weights
+        raise AssertionError("unreachable")
+
+    def local_rows(self, rows: Sequence[Row]) -> list[int]:
+        """This DP rank's share of the trained rows: round-robin over the step's rows (groups straddle)."""
+        dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+        trained = [i for i, r in enumerate(rows) if not r.is_expert or self.cfg.algo.name in TRAINS_EXPERT_ROWS]
+        return trained[rank::dp]
+
+    def advantages(self, rows: Sequence[Row], local: list[int]) -> dict[int, tuple[float, bool]]:
+        """Group statistics over DP; returns {row index: (advantage, passed)} for the local rows.
+
+        Without the expert in the statistics, every rank also passes all expert rows: they carry the
+        group ids (harmless, they are excluded from the sums) and keep a rank's input non-empty.
+        """
+        include_expert = self.cfg.algo.name in TRAINS_EXPERT_ROWS
+        idx = list(local)
+        if not include_expert:
+            idx += [i for i, r in enumerate(rows) if r.is_expert]
+        sel = [rows[i] for i in idx]
+        stats = compute_group_advantages(
+            torch.tensor([r.reward for r in sel]),
+            torch.tensor([r.group_id for r in sel], dtype=torch.long),
+            torch.tensor([r.is_expert for r in sel]),
+            norm_by_std=self.cfg.algo.norm_by_std,
+            pass_threshold=self.cfg.algo.pass_threshold,
+            include_expert_in_stats=include_expert,
+            dp_group=parallel_state.get_data_parallel_group(),
+        )
+        return {i: (float(stats.advantages[k]), bool(stats.passed[k])) for k, i in enumerate(idx)}
+
+    def old_logprobs(self, rows: Sequence[Row], local: list[int]):
+        """Old-policy log-probs of the local rows and of the experts of their groups (forward only)."""
+        groups = {rows[i].group_id for i in local}
+        experts = {r.group_id: i for i, r in enumerate(rows) if r.is_expert and r.group_id in groups}
+        need = sorted(set(local) | set(experts.values()))
+        logp = self._forward_logprobs(rows, need)
+        expert_logp = {gid: logp[i] for gid, i in experts.items()} if logp else {}
+        return logp, expert_logp
+
+    def _forward_logprobs(self, rows: Sequence[Row], indices: list[int]) -> dict[int, torch.Tensor]:
+        mbs = [collate(rows, c, self.position_ids, pad_id=self.pad_id)
+               for c in chunk_by_length(indices, rows, self.cfg.train.micro_batch_size)]
+        outputs = self.policy.run(mbs, logprob_fn(self.cfg.rollout.temperature), forward_only=True)
+        result: dict[int, torch.Tensor] = {}
+        for out in outputs:
+            for k, i in enumerate(out["row_index"].tolist()):
+                p = len(rows[i].prompt_ids)
+                result[i] = out["logp"][k, p - 1 : p - 1 + len(rows[i].response_ids)].cpu()
+        return result  # only on the last pipeline stage
+
+    def mini_batches(self, rows: Sequence[Row], local: list[int]) -> list[list[int]]:
+        """Split the local rows into the step's mini-batches by prompt group (one PPO epoch)."""
+        k = self.cfg.train.mini_batches_per_step
+        groups = sorted({r.group_id for r in rows})
+        per = -(-len(groups) // k)
+        which = {g: j // per for j, g in enumerate(groups)}
+        return [[i for i in local if which[rows[i].group_id] == m] for m in range(k)]
+
+    def update(self, rows, indices, stats, old, expert) -> dict[str, float]:
+        """One optimizer step on a mini-batch: fwd/bwd of all its micro-batches, then Adam.
+
+        Loss inputs are only needed where the loss is computed (the last pipeline stage).
+        """
+        algo = self.cfg.algo
+        last = parallel_state.is_pipeline_last_stage()
+        token_extras = row_extras = None
+        if last:
+            def baseline(i: int, valid: bool) -> list[float]:
+                b, n = expert.get(rows[i].group_id), len(rows[i].response_ids)
+                m = 0 if b is None else min(n, b.numel())  # b_t = 0 past the expert's length
+                head = [1.0] * m if valid else b[:m].tolist()
+                return head + [0.0] * (n - m)
+
+            token_extras = {
+                "old_logp": lambda i: old[i].tolist(),
+                "expert_logp": lambda i: baseline(i, valid=False),
+                "expert_valid": lambda i: baseline(i, valid=True),
+            }
+            row_extras = {
+                "advantages": lambda i: stats[i][0],
+                "passed": lambda i: stats[i][1],
+                "is_expert": lambda i: bool(rows[i].is_expert),
+            }
+        mbs = [collate(rows, c, self.position_ids, token_extras, row_extras, pad_id=self.pad_id)
+               for c in chunk_by_length(indices, rows, self.cfg.train.micro_batch_size)]
+        metrics: dict[str, float] = {}
+        t0 = time.perf_counter()
+        if last:
+            norm = compute_loss_normalizer([mb.loss_mask for mb in mbs], algo.agg,
+                                           dp_group=parallel_state.get_data_parallel_group())
+            outputs = self.policy.run(mbs, rl_loss_fn(algo, norm, self.cfg.rollout.temperature), forward_only=False)
+            shares: dict[str, torch.Tensor] = {}
+            for out in outputs:
+                for name, v in out["metrics"].items():
+                    shares[name] = shares.get(name, 0.0) + v.detach().double().cpu()
+            metrics.update(reduce_shares(shares, prefix="train/"))
+            tokens = sum(int(mb.seq_lengths.sum()) for mb in mbs)
+            metrics["train/tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
+            metrics["train/padding_frac"] = padding_fraction(mbs)
+        else:
+            self.policy.run(mbs, None, forward_only=False)  # the loss callback runs on the last stage only
+        metrics.update(self.policy.optimizer_step())
+        return metrics
+
+    # ------------------------------------------------------------------------------------------- helpers
+
+    def _reward_metrics(self, rows: Sequence[Row]) -> dict[str, float]:
+        on = [r for r in rows if not r.is_expert]
+        by_group: dict[int, list[float]] = {}
+        for r in on:
+            by_group.setdefault(r.group_id, []).append(r.reward)
+        return {
+            "reward/mean": sum(r.reward for r in on) / max(len(on), 1),
+            "reward/pass_rate": sum(r.reward > self.cfg.algo.pass_threshold for r in on) / max(len(on), 1),
+            "reward/acc": sum(r.acc for r in on) / max(len(on), 1),
+            "reward/format": sum(r.fmt for r in on) / max(len(on), 1),
+            "reward/group_all_equal_frac": sum(len(set(v)) == 1 for v in by_group.values()) / max(len(by_group), 1),
+        }
+
+    def rollout_train_mismatch(self, rows, local, old) -> dict[str, float]:
+        """|rollout log-prob − trainer log-prob| over local on-policy response tokens (last stage)."""
+        diffs = [torch.tensor(rows[i].rollout_logprobs) - old[i] for i in local
+                 if i in old and rows[i].rollout_logprobs and len(rows[i].rollout_logprobs) == old[i].numel()]
+        if not diffs:
+            return {}
+        d = torch.cat(diffs).abs()
+        return {"rollout/logprob_mismatch_mean": float(d.mean()), "rollout/logprob_mismatch_max": float(d.max())}
+
+    def evaluate(self) -> dict[str, float]:
+        out: list = [None]
+        if self.is_rank0 and self.eval_set is not None:
+            n = min(self.cfg.train.eval_prompts, len(self.eval_set))
+            out = [self.stage.evaluate([self.eval_set[i] for i in range(n)])]
+        dist.broadcast_object_list(out, src=0)
+        return out[0] or {}
+
+    def _save(self) -> None:
+        self.ckpt.save(self.step, self.policy, {
+            "step": self.step, "weight_version": self.weight_version, "sampler": self.sampler.state_dict(),
+        }, config_yaml=to_yaml(self.cfg))
+
+    def _load(self, path: Path) -> None:
+        state = self.ckpt.load(path, self.policy)
+        self.step, self.weight_version = int(state["step"]), int(state["weight_version"])
+        self.sampler.load_state_dict(state["sampler"])
+
+    def close(self) -> None:
+        self.sync.close()
+        if self.stage is not None:
+            self.stage.client.close()
+        if self.server is not None:
+            self.server.stop()
+        self.logger.close()
+        destroy_distributed()
+
+
+def train(cfg: Config) -> dict[str, float]:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+__all__ = ["Trainer", "train", "MicroBatch"]

@@ -1,0 +1,116 @@
+"""Logits -> token log-probs / entropy (vocab-parallel), and the loss callbacks the schedule calls.
+
+Logits arrive sharded over TP on the vocab axis ([b, s, V/tp]); nothing here gathers them. Log-probs use
+Megatron's vocab-parallel cross-entropy; entropy uses the same max / sum-exp all-reduces written out
+(differentiable through Megatron's `reduce_from_tensor_model_parallel_region`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from calibrl_mcore.algo.aggregation import LossNormalizer, aggregate
+from calibrl_mcore.algo.losses import LOSS_FNS
+from calibrl_mcore.config import AlgoConfig
+from calibrl_mcore.trainer.policy import MicroBatch
+
+LossFn = Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, dict]]
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log π(labels) from vocab-sharded logits: [b, s, V/tp], [b, s] -> [b, s] (fp32)."""
+    # vocab_parallel_cross_entropy edits its input in place (max subtraction): give it its own fp32 copy.
+    return -tensor_parallel.vocab_parallel_cross_entropy(logits.float().clone(), labels.to(logits.device))
+
+
+def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) over the full vocab from TP shards: [b, s, V/tp] -> [b, s] (fp32)."""
+    z = logits.float()
+    z_max = z.detach().amax(dim=-1, keepdim=True)  # [b, s, 1]
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(z_max, op=dist.ReduceOp.MAX, group=tp_group)
+    e = torch.exp(z - z_max)
+    sum_e = tensor_parallel.reduce_from_tensor_model_parallel_region(e.sum(dim=-1))  # [b, s]
+    sum_ez = tensor_parallel.reduce_from_tensor_model_parallel_region((e * (z - z_max)).sum(dim=-1))
+    # H = log Σe − Σ e·(z − max) / Σe
+    return torch.log(sum_e) - sum_ez / sum_e
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def logprob_fn(temperature: float = 1.0, with_entropy: bool = False) -> LossFn:
+    """Forward-only callback: returns the micro-batch's token log-probs (and entropy), no loss."""
+
+    def fn(mb: MicroBatch, logits: torch.Tensor):
+        logits = _scaled(logits, temperature)
+        out = {"row_index": mb.row_index, "logp": token_logprobs(logits, mb.labels).detach()}
+        if with_entropy:
+            out["entropy"] = vocab_parallel_entropy(logits).detach()
+        return logits.new_zeros(()), out
+
+    return fn
+
+
+def sft_loss_fn(normalizer: LossNormalizer) -> LossFn:
+    """Token-mean negative log-likelihood over the masked (expert response) tokens."""
+
+    def fn(mb: MicroBatch, logits: torch.Tensor):
+        mask = mb.loss_mask.to(logits.device).float()
+        nll = -token_logprobs(logits, mb.labels)
+        loss = aggregate(nll, mask, normalizer)
+        return loss, {"metrics": {"nll": loss.detach()}}
+
+    return fn
+
+
+def rl_loss_fn(cfg: AlgoConfig, normalizer: LossNormalizer, temperature: float = 1.0) -> LossFn:
+    """The configured algorithm's loss on one micro-batch (metrics are this rank's shares, unreduced).
+
+    Micro-batch extras used: `old_logp`, `advantages`, and per family `expert_logp`, `expert_valid`,
+    `passed` (calibrl) or `is_expert` (luffy / rlplus). Rows the family does not train (expert rows in
+    grpo/dapo/calibrl) must already be out of `loss_mask`.
+    """
+    fn_loss = LOSS_FNS[cfg.name]
+    need_entropy_grad = cfg.entropy_coef != 0.0
+
+    def fn(mb: MicroBatch, logits: torch.Tensor):
+        logits = _scaled(logits, temperature)
+        dev = logits.device
+        x = {k: v.to(dev) for k, v in mb.extras.items()}
+        logp = token_logprobs(logits, mb.labels)
+        if need_entropy_grad:
+            entropy = vocab_parallel_entropy(logits)
+        else:
+            with torch.no_grad():
+                entropy = vocab_parallel_entropy(logits)
+        common = dict(
+            clip_low=cfg.clip_low,
+            clip_high=cfg.clip_high,
+            dual_clip=cfg.dual_clip if cfg.dual_clip > 0 else None,
+            agg=cfg.agg,
+            normalizer=normalizer,
+            entropy=entropy,
+            entropy_coef=cfg.entropy_coef,
+        )
+        mask = mb.loss_mask.to(dev)
+        if cfg.name == "calibrl":
+            loss, metrics = fn_loss(
+                logp, x["old_logp"], x["expert_logp"], x["advantages"], x["passed"], mask,
+                alpha=cfg.alpha, lam=cfg.lam,
+                expert_mask=x["expert_valid"].bool() if cfg.expert_mask else None, **common,
+            )
+        elif cfg.name in ("luffy", "rlplus"):
+            extra = {"gamma": cfg.luffy_gamma} if cfg.name == "luffy" else {"exploration_exponent": cfg.rlplus_exponent}
+            loss, metrics = fn_loss(logp, x["old_logp"], x["advantages"], mask, x["is_expert"], **extra, **common)
+        else:
+            loss, metrics = fn_loss(logp, x["old_logp"], x["advantages"], mask, **common)
+        return loss, {"metrics": metrics}
+
+    return fn

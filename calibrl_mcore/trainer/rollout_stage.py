@@ -1,0 +1,153 @@
+"""Rank 0's side of a step: prompts -> rollout server -> rewarded rows (+ the expert row of each group).
+
+The processor that renders prompts here is the checkpoint's own, so the prompt token ids the trainer
+uses are the ones the server generated from (checked per sample against the server's prompt length).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from calibrl_mcore.config import AlgoConfig, RolloutConfig
+from calibrl_mcore.data.schema import Example
+from calibrl_mcore.data.template import as_expert_response, build_messages
+from calibrl_mcore.rewards import acc_x_fmt_reward, compute_reward
+from calibrl_mcore.trainer.batch import Row
+from rollout.client import RolloutClient, RolloutRequestError
+from rollout.engines.prompts import load_processor
+
+log = logging.getLogger(__name__)
+
+
+class RolloutFailure(RuntimeError):
+    """The rollout servers could not serve the step (after the client's own retries)."""
+
+
+@dataclass
+class PromptInputs:
+    text: str  # chat-templated prompt
+    images: list  # PIL images
+    prompt_ids: list[int]
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+
+
+class RolloutStage:
+    """Turns examples into rows with the help of a rollout client (one per trainer, on rank 0)."""
+
+    def __init__(self, cfg: RolloutConfig, algo: AlgoConfig, model_path: str, client: RolloutClient) -> None:
+        self.cfg, self.algo, self.client = cfg, algo, client
+        self.processor = load_processor(model_path)
+        tok = self.processor.tokenizer
+        im_end = tok.convert_tokens_to_ids("<|im_end|>")
+        self.eos_id = im_end if isinstance(im_end, int) and im_end != tok.unk_token_id else tok.eos_token_id
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        # Vision placeholder tokens a (young) policy may sample: inside a response they would be taken
+        # for image slots by the trainer's forward, so responses are cut before the first one.
+        from transformers import AutoConfig
+
+        hf = AutoConfig.from_pretrained(model_path)
+        names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+                 "image_token_index")
+        self.forbidden_ids = {int(getattr(hf, n)) for n in names if isinstance(getattr(hf, n, None), int)}
+
+    def prompt_inputs(self, example: Example) -> PromptInputs:
+        images = example.load_images()
+        messages = build_messages(example)
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        enc = self.processor(text=[text], images=images or None, return_tensors="pt")
+        return PromptInputs(
+            text=text,
+            images=images,
+            prompt_ids=enc["input_ids"][0].tolist(),
+            pixel_values=enc.get("pixel_values"),
+            image_grid_thw=enc.get("image_grid_thw"),
+        )
+
+    def _generate(self, prompts: list[dict], params: dict) -> list:
+        try:
+            return self.client.generate(prompts, params)
+        except (RolloutRequestError, OSError) as exc:
+            raise RolloutFailure(str(exc)) from exc
+
+    def collect(self, step: int, examples: Sequence[Example], first_group_id: int) -> tuple[list[Row], dict]:
+        """G samples per example + one expert row per group, rewarded. Group ids: first_group_id + k."""
+        t0 = time.perf_counter()
+        inputs = [self.prompt_inputs(ex) for ex in examples]
+        params = {
+            "max_new_tokens": self.cfg.max_new_tokens,
+            "temperature": self.cfg.temperature,
+            "top_p": self.cfg.top_p,
+            "top_k": self.cfg.top_k,
+            "n": self.cfg.n_samples,
+            "seed": 1_000_003 * (step + 1),
+        }
+        samples = self._generate([{"text": p.text, "image_data": p.images} for p in inputs], params)
+        rollout_s = time.perf_counter() - t0
+        rows: list[Row] = []
+        gen_tokens = n_cut = 0
+        for s in samples:
+            ex, inp = examples[s.prompt_index], inputs[s.prompt_index]
+            if s.prompt_tokens and s.prompt_tokens != len(inp.prompt_ids):
+                raise RuntimeError(
+                    f"prompt of {ex.uid!r}: server tokenised {s.prompt_tokens} tokens, trainer "
+                    f"{len(inp.prompt_ids)}: server and trainer must load the same processor"
+                )
+            ids, logprobs, text, finish = s.output_ids, s.logprobs, s.text, s.finish_reason
+            cut = next((j for j, t in enumerate(ids) if t in self.forbidden_ids), None)
+            if cut is not None:
+                ids, logprobs, finish = ids[:cut], logprobs[:cut], "vision_token"
+                text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+                n_cut += 1
+            r = compute_reward(text, ex.answer, format_weight=self.algo.format_weight)
+            gen_tokens += len(s.output_ids)
+            rows.append(self._row(ex, inp, first_group_id + s.prompt_index, False, ids, r,
+                                  logprobs=logprobs, finish=finish, text=text))
+        for k, (ex, inp) in enumerate(zip(examples, inputs)):
+            expert = as_expert_response(ex.expert, ex.answer)
+            ids = self.processor.tokenizer(expert, add_special_tokens=False)["input_ids"] + [self.eos_id]
+            r = compute_reward(expert, ex.answer, format_weight=self.algo.format_weight)
+            rows.append(self._row(ex, inp, first_group_id + k, True, ids, r, text=expert))
+        metrics = {
+            "rollout/time_s": rollout_s,
+            "rollout/tokens_per_s": gen_tokens / max(rollout_s, 1e-9),
+            "rollout/response_len": gen_tokens / max(len(samples), 1),
+            "rollout/truncated_frac": sum(s.finish_reason == "length" for s in samples) / max(len(samples), 1),
+            "rollout/cut_at_vision_token_frac": n_cut / max(len(samples), 1),
+            "rollout/weight_version": float(samples[0].weight_version or 0) if samples else 0.0,
+            "expert/failed_verifier_frac": sum(r.acc < 1 for r in rows if r.is_expert) / max(len(examples), 1),
+        }
+        return rows, metrics
+
+    def _row(self, ex: Example, inp: PromptInputs, group_id: int, is_expert: bool, response_ids: list[int],
+             reward, *, logprobs=None, finish: str = "", text: str = "") -> Row:
+        if not math.isfinite(reward.reward):
+            raise ValueError(f"non-finite reward {reward.reward} for a sample of {ex.uid!r} (group {group_id})")
+        return Row(
+            uid=ex.uid, group_id=group_id, is_expert=is_expert, prompt_ids=inp.prompt_ids,
+            response_ids=list(response_ids), pixel_values=inp.pixel_values, image_grid_thw=inp.image_grid_thw,
+            rollout_logprobs=list(logprobs) if logprobs else None, reward=float(reward.reward),
+            acc=float(reward.acc), fmt=float(reward.fmt), finish_reason=finish, text=text,
+        )
+
+    def evaluate(self, examples: Sequence[Example]) -> dict[str, float]:
+        """Greedy, n = 1, reward acc × fmt (the paper's validation protocol)."""
+        if not examples:
+            return {}
+        inputs = [self.prompt_inputs(ex) for ex in examples]
+        params = {"max_new_tokens": self.cfg.max_new_tokens, "temperature": 0.0, "n": 1}
+        samples = self._generate([{"text": p.text, "image_data": p.images} for p in inputs], params)
+        scores = [acc_x_fmt_reward(s.text, examples[s.prompt_index].answer) for s in samples]
+        n = max(len(scores), 1)
+        return {
+            "eval/accuracy": sum(r.reward for r in scores) / n,
+            "eval/acc": sum(r.acc for r in scores) / n,
+            "eval/format": sum(r.fmt for r in scores) / n,
+            "eval/n": float(len(scores)),
+        }
