@@ -65,6 +65,7 @@ class _Row:
     max_new_tokens: int  # already clipped by the context length
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    finished: bool = False  # done, but still occupying a slab row until the next compaction
 
 
 class EmbeddedEngine(RolloutEngine):
@@ -218,25 +219,44 @@ class EmbeddedEngine(RolloutEngine):
                     self._fail_running(exc)
 
     def _admit(self, block: bool) -> None:
-        """Move queued requests into the batch while their rows fit; prefill each one."""
+        """Move queued requests into the batch while their rows fit: prefill each, then merge once."""
         try:
             while True:
                 self._waiting.append(self._queue.get(block=block and not self._waiting, timeout=0.05))
                 block = False
         except queue.Empty:
             pass
-        while self._waiting and len(self._rows) + self._waiting[0].request.sampling.n <= self.max_batch_size:
+        if not self._waiting:
+            return
+        self._compact(force=True)  # dead rows would otherwise be copied into the merged slab
+        admitted, free = [], self.max_batch_size - len(self._rows)
+        while self._waiting and self._waiting[0].request.sampling.n <= free:
             pending = self._waiting.popleft()
             if pending.future.cancelled():
                 continue
             try:
                 with self._model_lock:
-                    self._prefill(pending)
+                    admitted.append(self._prefill(pending))
+                free -= pending.request.sampling.n
             except Exception as exc:  # noqa: BLE001 - fail this request only
                 logger.exception("prefill failed")
                 pending.future.set_exception(exc)
+        if not admitted:
+            return
+        # One merge for everything admitted: rebuilding the slab per request would be O(requests^2).
+        prefills = [(cache, pending.prompt, len(rows)) for cache, pending, rows, _ in admitted]
+        if self._batch is None:
+            self._batch = DecodeBatch.from_prefills(prefills, self._cache_kwarg)
+        else:
+            self._batch.append_prefills(prefills)
+        for _, _, rows, first_tokens in admitted:
+            start = len(self._rows)
+            self._rows.extend(rows)
+            self._record_tokens(first_tokens, start_row=start)
+        self._compact()
 
-    def _prefill(self, pending: _Pending) -> None:
+    def _prefill(self, pending: _Pending) -> tuple[Any, _Pending, list[_Row], tuple[list[int], list[float]]]:
+        """Run the prompt once (batch 1) and sample the first token of each of its n samples."""
         from transformers import DynamicCache
 
         prompt, sampling = pending.prompt, pending.request.sampling
@@ -250,22 +270,15 @@ class EmbeddedEngine(RolloutEngine):
             **{self._cache_kwarg: cache},
             **prompt.model_kwargs,
         )
-        n = sampling.n
         seed = sampling.seed if sampling.seed is not None else random.SystemRandom().getrandbits(62)
-        new_rows = []
-        for i in range(n):
+        budget = min(sampling.max_new_tokens, self.max_context_len - prompt.length)
+        rows = []
+        for i in range(sampling.n):
             generator = torch.Generator(device="cpu")
             generator.manual_seed((seed * _SEED_MIX + i) & (2**63 - 1))
-            budget = min(sampling.max_new_tokens, self.max_context_len - prompt.length)
-            new_rows.append(_Row(pending, i, generator, budget))
-        logits = outputs.logits[:, -1, :].expand(n, -1)  # [n, V]: every sample starts from the same prefix
-        first_tokens = self._sample(logits, new_rows)
-        if self._batch is None:
-            self._batch = DecodeBatch.from_prefill(cache, prompt, n, self._cache_kwarg)
-        else:
-            self._batch.append_prefill(cache, prompt, n)
-        self._rows.extend(new_rows)
-        self._record_tokens(first_tokens, start_row=len(self._rows) - n)
+            rows.append(_Row(pending, i, generator, budget))
+        logits = outputs.logits[:, -1, :].expand(sampling.n, -1)  # [n, V]: all samples share the prefix
+        return cache, pending, rows, self._sample(logits, rows)
 
     def _decode_step(self) -> None:
         assert self._batch is not None
@@ -273,6 +286,7 @@ class EmbeddedEngine(RolloutEngine):
         outputs = self.model(input_ids=input_ids, use_cache=True, **model_inputs)
         tokens = self._sample(outputs.logits[:, -1, :], self._rows)  # logits [B, V]
         self._record_tokens(tokens, start_row=0)
+        self._compact()
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> tuple[list[int], list[float]]:
         sampling = [row.pending.request.sampling for row in rows]
@@ -281,36 +295,45 @@ class EmbeddedEngine(RolloutEngine):
             temperature=torch.tensor([s.temperature for s in sampling], dtype=torch.float32, device=device),
             top_p=torch.tensor([s.top_p for s in sampling], dtype=torch.float32, device=device),
             top_k=torch.tensor([s.top_k for s in sampling], dtype=torch.int64, device=device),
-            # One draw per row per step from the row's own generator, also for greedy rows, so the
+            # One draw per live row per step from the row's own generator, also for greedy rows, so the
             # random stream of a sample does not depend on its neighbours.
             uniforms=torch.tensor(
-                [torch.rand((), generator=row.generator).item() for row in rows], dtype=torch.float32
+                [0.5 if row.finished else torch.rand((), generator=row.generator).item() for row in rows],
+                dtype=torch.float32,
             ).to(device),
         )
         tokens, logprobs = sample_next_tokens(logits, params)
         return tokens.tolist(), logprobs.tolist()
 
     def _record_tokens(self, sampled: tuple[list[int], list[float]], start_row: int) -> None:
-        """Append this step's tokens to their rows, finish rows that hit a stop, drop them from the batch."""
+        """Append this step's tokens to their live rows and finish rows that hit a stop."""
         tokens, logprobs = sampled
-        keep: list[int] = []
         for offset, (token, logprob) in enumerate(zip(tokens, logprobs)):
-            index = start_row + offset
-            row = self._rows[index]
+            row = self._rows[start_row + offset]
+            if row.finished:
+                continue
             row.output_ids.append(token)
             row.logprobs.append(logprob)
             reason = self._finish_reason(row, token)
-            if reason is None:
-                keep.append(index)
-            else:
+            if reason is not None:
                 self._finish_row(row, reason)
         assert self._batch is not None
         self._batch.set_last_tokens(tokens, start_row)
-        finished = len(tokens) - (len(keep))
-        if finished:
-            keep = list(range(start_row)) + keep
-            self._rows = [self._rows[i] for i in keep]
-            self._batch = self._batch.select(keep) if keep else None
+
+    def _compact(self, force: bool = False) -> None:
+        """Drop finished rows from the slab once they are >= 1/8 of it (or all of it, or when forced).
+
+        Finished rows stay in the batch as masked-out passengers until then: rebuilding the slab
+        copies the whole KV cache, which at one finished row per step would cost more than the
+        wasted compute of carrying a few dead rows.
+        """
+        dead = sum(row.finished for row in self._rows)
+        if dead == 0 or not (force or dead == len(self._rows) or dead * 8 >= len(self._rows)):
+            return
+        keep = [i for i, row in enumerate(self._rows) if not row.finished]
+        self._rows = [self._rows[i] for i in keep]
+        assert self._batch is not None
+        self._batch = self._batch.select(keep) if keep else None
 
     def _finish_reason(self, row: _Row, token: int) -> dict[str, Any] | None:
         sampling = row.pending.request.sampling
@@ -330,6 +353,7 @@ class EmbeddedEngine(RolloutEngine):
         return None
 
     def _finish_row(self, row: _Row, reason: dict[str, Any]) -> None:
+        row.finished = True
         pending = row.pending
         pending.outputs[row.sample_index] = self._finished_output(pending, row.output_ids, row.logprobs, reason)
         pending.rows_left -= 1

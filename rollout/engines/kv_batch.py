@@ -103,41 +103,53 @@ class DecodeBatch:
         return int(self.next_positions.shape[0])
 
     @classmethod
-    def from_prefill(cls, cache: DynamicCache, prompt: PromptState, n: int, cache_kwarg: str) -> DecodeBatch:
+    def from_prefills(cls, prefills: list[tuple[DynamicCache, PromptState, int]], cache_kwarg: str) -> DecodeBatch:
+        """A batch made of freshly prefilled prompts: (prefill cache, prompt, n rows) each."""
+        cache, prompt, _ = prefills[0]
         device = prompt.input_ids.device
         empty = cls(
-            layers=[(layer.keys[:0], layer.values[:0]) for layer in cache.layers],
-            mask=torch.zeros(0, prompt.length, dtype=torch.int64, device=device),
+            layers=[(layer.keys[:0, :, :0], layer.values[:0, :, :0]) for layer in cache.layers],
+            mask=torch.zeros(0, 0, dtype=torch.int64, device=device),
             next_positions=torch.zeros(0, dtype=torch.int64, device=device),
             length=0,
             mrope=prompt.mrope,
             cache_kwarg=cache_kwarg,
         )
-        empty.append_prefill(cache, prompt, n)
+        empty.append_prefills(prefills)
         return empty
 
-    def append_prefill(self, cache: DynamicCache, prompt: PromptState, n: int) -> None:
-        """Add n rows that all start from one prefilled prompt (its KV copied n times)."""
-        old_rows, new_len = self.size, max(self.length, prompt.length)
+    def append_prefills(self, prefills: list[tuple[DynamicCache, PromptState, int]]) -> None:
+        """Add, per prefilled prompt, n rows starting from its KV cache (copied n times): one rebuild."""
+        old_rows = self.size
+        new_len = max([self.length] + [prompt.length for _, prompt, _ in prefills])
+        total_rows = old_rows + sum(n for _, _, n in prefills)
         capacity = new_len + _HEADROOM
+        mask = self.mask.new_zeros(total_rows, capacity)
+        mask[:old_rows, new_len - self.length : new_len] = self.mask[:, : self.length]
         layers = []
-        for slab, prefill in zip(self.cache.layers, cache.layers):
+        for index, slab in enumerate(self.cache.layers):
             merged = []
-            for old, fresh in ((slab.keys, prefill.keys), (slab.values, prefill.values)):
-                # old [B0, H, T0, D], fresh [1, H, L, D] -> [B0 + n, H, capacity, D], right-aligned at new_len
-                heads, dim = fresh.shape[1], fresh.shape[3]
-                buffer = fresh.new_zeros(old_rows + n, heads, capacity, dim)  # zeros: padding must not be NaN
+            for old, name in ((slab.keys, "keys"), (slab.values, "values")):
+                heads, dim = old.shape[1], old.shape[3]
+                # [rows, H, capacity, D]; zeros because padding columns must not hold NaN/inf garbage
+                # (a masked score still multiplies its value vector).
+                buffer = old.new_zeros(total_rows, heads, capacity, dim)
                 buffer[:old_rows, :, new_len - self.length : new_len] = old
-                buffer[old_rows:, :, new_len - prompt.length : new_len] = fresh
+                row = old_rows
+                for cache, prompt, n in prefills:
+                    fresh = getattr(cache.layers[index], name)  # [1, H, L, D]
+                    buffer[row : row + n, :, new_len - prompt.length : new_len] = fresh
+                    row += n
                 merged.append(buffer)
             layers.append((merged[0], merged[1]))
-        mask = self.mask.new_zeros(old_rows + n, capacity)
-        mask[:old_rows, new_len - self.length : new_len] = self.mask[:, : self.length]
-        mask[old_rows:, new_len - prompt.length : new_len] = 1
-        positions = torch.full((n,), prompt.next_position, dtype=torch.int64, device=self.mask.device)
-        last_tokens = torch.cat([self.last_tokens, torch.zeros_like(positions)])
+        positions, row = [self.next_positions], old_rows
+        for _, prompt, n in prefills:
+            mask[row : row + n, new_len - prompt.length : new_len] = 1
+            positions.append(torch.full((n,), prompt.next_position, dtype=torch.int64, device=self.mask.device))
+            row += n
+        last_tokens = torch.cat([self.last_tokens, self.last_tokens.new_zeros(total_rows - old_rows)])
         self.__init__(  # type: ignore[misc]
-            layers, mask, torch.cat([self.next_positions, positions]), new_len, self.mrope, self.cache_kwarg
+            layers, mask, torch.cat(positions), new_len, self.mrope, self.cache_kwarg
         )
         self.last_tokens = last_tokens
 
