@@ -241,9 +241,9 @@ class Placement:
         local = layer - self.layer_start if rule.stage == "decoder" else layer
         return rule.megatron.format(layer=local) if local is not None else rule.megatron
 
-    def hf_names(self, rule: Rule, local_layer: int | None) -> tuple[int | None, list[str]]:
-        glob = local_layer + self.layer_start if rule.stage == "decoder" else local_layer
-        return glob, [h.format(layer=glob) if glob is not None else h for h in rule.hf]
+    def hf_names(self, rule: Rule, local_layer: int | None) -> list[str]:
+        layer = local_layer + self.layer_start if rule.stage == "decoder" else local_layer
+        return [h.format(layer=layer) if layer is not None else h for h in rule.hf]
 
 
 # ---- HF -> Megatron --------------------------------------------------------------------------------------
@@ -346,6 +346,25 @@ def _merge_tp(rule: Rule, shards: Sequence[Tensor]) -> list[Tensor]:
     return [p.contiguous() for p in parts]
 
 
+def _exported(mapping: ArchMapping, name: str) -> bool:
+    """Whether Megatron tensor `name` is written back to HF (not TE metadata, not a tied copy)."""
+    return not name.endswith("._extra_state") and mapping.match_megatron(name)[0].export
+
+
+def _shards_to_hf(
+    named_shards: Iterable[tuple[str, Sequence[Tensor]]],
+    mapping: ArchMapping,
+    placement: Placement,
+    checkpoint_names: bool,
+) -> Iterator[tuple[str, Tensor]]:
+    """(Megatron name, its TP shards by rank) pairs -> HF (name, tensor) pairs."""
+    for name, shards in named_shards:
+        rule, local_layer = mapping.match_megatron(name)
+        hf_names = placement.hf_names(rule, local_layer)
+        for hf_name, tensor in zip(hf_names, _merge_tp(rule, shards)):
+            yield (mapping.checkpoint_hf_name(hf_name) if checkpoint_names else hf_name), tensor
+
+
 def megatron_to_hf(
     tp_states: Sequence[Mapping[str, Tensor]],
     mapping: ArchMapping,
@@ -359,15 +378,8 @@ def megatron_to_hf(
     `checkpoint_names=True` emits on-disk hub names (`model.layers.*`, `visual.*`) instead of
     transformers module names.
     """
-    for name in tp_states[0]:
-        if name.endswith("._extra_state"):
-            continue
-        rule, local_layer = mapping.match_megatron(name)
-        if not rule.export:
-            continue
-        _, hf_names = placement.hf_names(rule, local_layer)
-        for hf_name, tensor in zip(hf_names, _merge_tp(rule, [s[name] for s in tp_states])):
-            yield (mapping.checkpoint_hf_name(hf_name) if checkpoint_names else hf_name), tensor
+    named = ((n, [s[n] for s in tp_states]) for n in tp_states[0] if _exported(mapping, n))
+    yield from _shards_to_hf(named, mapping, placement, checkpoint_names)
 
 
 def gather_megatron_to_hf(
@@ -380,26 +392,22 @@ def gather_megatron_to_hf(
 ) -> Iterator[tuple[str, Tensor]]:
     """Distributed variant: all-gather each local tensor over the TP group, yield HF pairs on every rank.
 
-    Feed it `model.named_parameters()` (weight sync, export) or (name, param.grad) pairs. One parameter
-    is gathered at a time, so peak extra memory is one full (unsharded) tensor.
+    Feed it `model.named_parameters()` (weight sync, export) or (name, param.grad) pairs, in the same
+    order on every TP rank (all-gather is collective). One parameter is gathered at a time, so the peak
+    extra memory is one full (unsharded) tensor.
     """
     import torch.distributed as dist
 
-    for name, local in named_tensors:
-        if name.endswith("._extra_state"):
-            continue
-        rule, local_layer = mapping.match_megatron(name)
-        if not rule.export:
-            continue
+    def gathered(name: str, local: Tensor) -> list[Tensor]:
         local = local.detach().contiguous()
-        if rule.tp_axis is None or placement.tp_size == 1:
-            shards = [local] * placement.tp_size
-        else:
-            shards = [torch.empty_like(local) for _ in range(placement.tp_size)]
-            dist.all_gather(shards, local, group=tp_group)
-        _, hf_names = placement.hf_names(rule, local_layer)
-        for hf_name, tensor in zip(hf_names, _merge_tp(rule, shards)):
-            yield (mapping.checkpoint_hf_name(hf_name) if checkpoint_names else hf_name), tensor
+        if mapping.match_megatron(name)[0].tp_axis is None or placement.tp_size == 1:
+            return [local] * placement.tp_size
+        shards = [torch.empty_like(local) for _ in range(placement.tp_size)]
+        dist.all_gather(shards, local, group=tp_group)
+        return shards
+
+    named = ((n, gathered(n, t)) for n, t in named_tensors if _exported(mapping, n))
+    yield from _shards_to_hf(named, mapping, placement, checkpoint_names)
 
 
 # ---- registry ----------------------------------------------------------------------------------------------
@@ -428,55 +436,46 @@ def get_mapping(arch: str, hf_config, backend: Backend = "local") -> ArchMapping
 # ---- Qwen2.5-VL --------------------------------------------------------------------------------------------
 
 
-def _attention_mlp_rules(
+def _layer_rules(
     m: str,
     h: str,
     stage: Stage,
     backend: Backend,
+    hf: dict,
     *,
     qkv: QKVFusion,
-    fused_hf_qkv: bool,
     bias: bool,
     mlp_size: int | None,
-    hf: dict[str, str],
 ) -> list[Rule]:
-    """The rules of one pre-norm transformer layer. `m`/`h`: Megatron / HF layer prefixes; `hf`: HF leaf
-    names (they differ between Qwen's vision blocks and its decoder layers)."""
-    norms = NORM_PARAM_NAMES[backend]
-    w_qkv = (f"{h}.{hf['qkv']}.weight",) if fused_hf_qkv else tuple(f"{h}.{x}.weight" for x in hf["qkv"])
-    b_qkv = (f"{h}.{hf['qkv']}.bias",) if fused_hf_qkv else tuple(f"{h}.{x}.bias" for x in hf["qkv"])
-    chunks = 3 if fused_hf_qkv else 1
-    gate_up = (f"{h}.{hf['gate']}", f"{h}.{hf['up']}")
-    rules = [
-        Rule(f"{m}.{norms['attn_norm']}", (f"{h}.{hf['attn_norm']}.weight",), stage),
-        Rule(f"{m}.self_attention.linear_qkv.weight", w_qkv, stage, 0, qkv, chunks),
-        Rule(f"{m}.self_attention.linear_qkv.bias", b_qkv, stage, 0, qkv, chunks),
-        Rule(f"{m}.self_attention.linear_proj.weight", (f"{h}.{hf['proj']}.weight",), stage, 1),
-        Rule(f"{m}.{norms['mlp_norm']}", (f"{h}.{hf['mlp_norm']}.weight",), stage),
-        Rule(
-            f"{m}.mlp.linear_fc1.weight",
-            tuple(f"{x}.weight" for x in gate_up),
-            stage,
-            0,
-            ConcatFusion(),
-            hf_size=mlp_size,
-        ),
-        Rule(f"{m}.mlp.linear_fc2.weight", (f"{h}.{hf['down']}.weight",), stage, 1, hf_size=mlp_size),
+    """The rules of one pre-norm transformer layer (attention + SwiGLU MLP).
+
+    m / h: Megatron / HF layer prefixes; hf: HF leaf names by slot (`qkv` is one fused HF tensor when a
+    str, separate q/k/v when a tuple); bias: every linear has a bias (vision blocks; row-parallel biases
+    are replicated); mlp_size: the HF MLP width when Megatron pads it to a multiple of TP.
+    """
+    norms, glu = NORM_PARAM_NAMES[backend], ConcatFusion()
+    qkv_hf, chunks = ((hf["qkv"],), 3) if isinstance(hf["qkv"], str) else (hf["qkv"], 1)
+    gate_up = (hf["gate"], hf["up"])
+    # (Megatron leaf, HF leaves, TP axis, fusion, parts per HF tensor, padded HF size)
+    table = [
+        (norms["attn_norm"],                 (f"{hf['attn_norm']}.weight",),        None, IDENTITY, 1, None),
+        ("self_attention.linear_qkv.weight", tuple(f"{x}.weight" for x in qkv_hf), 0,    qkv,      chunks, None),
+        ("self_attention.linear_qkv.bias",   tuple(f"{x}.bias" for x in qkv_hf),   0,    qkv,      chunks, None),
+        ("self_attention.linear_proj.weight", (f"{hf['proj']}.weight",),            1,    IDENTITY, 1, None),
+        (norms["mlp_norm"],                  (f"{hf['mlp_norm']}.weight",),         None, IDENTITY, 1, None),
+        ("mlp.linear_fc1.weight",            tuple(f"{x}.weight" for x in gate_up), 0,    glu,      1, mlp_size),
+        ("mlp.linear_fc2.weight",            (f"{hf['down']}.weight",),             1,    IDENTITY, 1, mlp_size),
+    ]  # fmt: skip
+    if bias:
+        table += [
+            ("self_attention.linear_proj.bias", (f"{hf['proj']}.bias",),          None, IDENTITY, 1, None),
+            ("mlp.linear_fc1.bias",             tuple(f"{x}.bias" for x in gate_up), 0, glu,      1, mlp_size),
+            ("mlp.linear_fc2.bias",             (f"{hf['down']}.bias",),          None, IDENTITY, 1, None),
+        ]  # fmt: skip
+    return [
+        Rule(f"{m}.{leaf}", tuple(f"{h}.{x}" for x in leaves), stage, axis, fusion, parts, size)
+        for leaf, leaves, axis, fusion, parts, size in table
     ]
-    if bias:  # vision blocks: every linear has a bias; row-parallel biases are replicated
-        rules += [
-            Rule(f"{m}.self_attention.linear_proj.bias", (f"{h}.{hf['proj']}.bias",), stage),
-            Rule(
-                f"{m}.mlp.linear_fc1.bias",
-                tuple(f"{x}.bias" for x in gate_up),
-                stage,
-                0,
-                ConcatFusion(),
-                hf_size=mlp_size,
-            ),
-            Rule(f"{m}.mlp.linear_fc2.bias", (f"{h}.{hf['down']}.bias",), stage),
-        ]
-    return rules
 
 
 @register_mapping("qwen2_5_vl")
@@ -502,18 +501,17 @@ def _qwen2_5_vl_mapping(hf_config, backend: Backend = "local") -> ArchMapping:
         Rule(f"{vm}.merger.mlp.linear_fc2.weight", (f"{hv}.merger.mlp.2.weight",), "first", 1),
         Rule(f"{vm}.merger.mlp.linear_fc2.bias", (f"{hv}.merger.mlp.2.bias",), "first"),
     ]
-    rules += _attention_mlp_rules(
+    rules += _layer_rules(
         f"{lm}.decoder.layers.{{layer}}", f"{hl}.layers.{{layer}}", "decoder", backend,
-        qkv=QKVFusion(text.num_attention_heads, text.num_key_value_heads, head_dim),
-        fused_hf_qkv=False, bias=False, mlp_size=None,
+        qkv=QKVFusion(text.num_attention_heads, text.num_key_value_heads, head_dim), bias=False, mlp_size=None,
         hf=dict(attn_norm="input_layernorm", qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                 proj="self_attn.o_proj", mlp_norm="post_attention_layernorm", gate="mlp.gate_proj",
                 up="mlp.up_proj", down="mlp.down_proj"),
     )  # fmt: skip
-    rules += _attention_mlp_rules(
+    rules += _layer_rules(
         f"{vm}.decoder.layers.{{layer}}", f"{hv}.blocks.{{layer}}", "first", backend,
         qkv=QKVFusion(vision.num_heads, vision.num_heads, vision.hidden_size // vision.num_heads),
-        fused_hf_qkv=True, bias=True, mlp_size=vision.intermediate_size,
+        bias=True, mlp_size=vision.intermediate_size,
         hf=dict(attn_norm="norm1", qkv="attn.qkv", proj="attn.proj", mlp_norm="norm2", gate="mlp.gate_proj",
                 up="mlp.up_proj", down="mlp.down_proj"),
     )  # fmt: skip
