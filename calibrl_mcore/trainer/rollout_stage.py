@@ -38,13 +38,12 @@ class PromptInputs:
     image_grid_thw: torch.Tensor | None
 
 
-class RolloutStage:
-    """Turns examples into rows with the help of a rollout client (one per trainer, on rank 0)."""
+class PromptEncoder:
+    """The checkpoint's processor: examples -> prompt token ids + pixel values; expert text -> ids."""
 
-    def __init__(self, cfg: RolloutConfig, algo: AlgoConfig, model_path: str, client: RolloutClient) -> None:
-        self.cfg, self.algo, self.client = cfg, algo, client
+    def __init__(self, model_path: str) -> None:
         self.processor = load_processor(model_path)
-        tok = self.processor.tokenizer
+        tok = self.tokenizer = self.processor.tokenizer
         im_end = tok.convert_tokens_to_ids("<|im_end|>")
         self.eos_id = im_end if isinstance(im_end, int) and im_end != tok.unk_token_id else tok.eos_token_id
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -57,10 +56,10 @@ class RolloutStage:
                  "image_token_index")
         self.forbidden_ids = {int(getattr(hf, n)) for n in names if isinstance(getattr(hf, n, None), int)}
 
-    def prompt_inputs(self, example: Example) -> PromptInputs:
+    def prompt(self, example: Example) -> PromptInputs:
         images = example.load_images()
-        messages = build_messages(example)
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = self.processor.apply_chat_template(build_messages(example), add_generation_prompt=True,
+                                                  tokenize=False)
         enc = self.processor(text=[text], images=images or None, return_tensors="pt")
         return PromptInputs(
             text=text,
@@ -69,6 +68,20 @@ class RolloutStage:
             pixel_values=enc.get("pixel_values"),
             image_grid_thw=enc.get("image_grid_thw"),
         )
+
+    def expert(self, example: Example) -> tuple[str, list[int]]:
+        """The expert response text and its token ids, ending with the end-of-turn token."""
+        text = as_expert_response(example.expert, example.answer)
+        return text, self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos_id]
+
+
+class RolloutStage:
+    """Turns examples into rows with the help of a rollout client (one per trainer, on rank 0)."""
+
+    def __init__(self, cfg: RolloutConfig, algo: AlgoConfig, model_path: str, client: RolloutClient) -> None:
+        self.cfg, self.algo, self.client = cfg, algo, client
+        self.encoder = PromptEncoder(model_path)
+        self.pad_id = self.encoder.pad_id
 
     def _generate(self, prompts: list[dict], params: dict) -> list:
         try:
@@ -79,7 +92,7 @@ class RolloutStage:
     def collect(self, step: int, examples: Sequence[Example], first_group_id: int) -> tuple[list[Row], dict]:
         """G samples per example + one expert row per group, rewarded. Group ids: first_group_id + k."""
         t0 = time.perf_counter()
-        inputs = [self.prompt_inputs(ex) for ex in examples]
+        inputs = [self.encoder.prompt(ex) for ex in examples]
         params = {
             "max_new_tokens": self.cfg.max_new_tokens,
             "temperature": self.cfg.temperature,
@@ -100,18 +113,17 @@ class RolloutStage:
                     f"{len(inp.prompt_ids)}: server and trainer must load the same processor"
                 )
             ids, logprobs, text, finish = s.output_ids, s.logprobs, s.text, s.finish_reason
-            cut = next((j for j, t in enumerate(ids) if t in self.forbidden_ids), None)
+            cut = next((j for j, t in enumerate(ids) if t in self.encoder.forbidden_ids), None)
             if cut is not None:
                 ids, logprobs, finish = ids[:cut], logprobs[:cut], "vision_token"
-                text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+                text = self.encoder.tokenizer.decode(ids, skip_special_tokens=True)
                 n_cut += 1
             r = compute_reward(text, ex.answer, format_weight=self.algo.format_weight)
             gen_tokens += len(s.output_ids)
             rows.append(self._row(ex, inp, first_group_id + s.prompt_index, False, ids, r,
                                   logprobs=logprobs, finish=finish, text=text))
         for k, (ex, inp) in enumerate(zip(examples, inputs)):
-            expert = as_expert_response(ex.expert, ex.answer)
-            ids = self.processor.tokenizer(expert, add_special_tokens=False)["input_ids"] + [self.eos_id]
+            expert, ids = self.encoder.expert(ex)
             r = compute_reward(expert, ex.answer, format_weight=self.algo.format_weight)
             rows.append(self._row(ex, inp, first_group_id + k, True, ids, r, text=expert))
         metrics = {
@@ -140,7 +152,7 @@ class RolloutStage:
         """Greedy, n = 1, reward acc × fmt (the paper's validation protocol)."""
         if not examples:
             return {}
-        inputs = [self.prompt_inputs(ex) for ex in examples]
+        inputs = [self.encoder.prompt(ex) for ex in examples]
         params = {"max_new_tokens": self.cfg.max_new_tokens, "temperature": 0.0, "n": 1}
         samples = self._generate([{"text": p.text, "image_data": p.images} for p in inputs], params)
         scores = [acc_x_fmt_reward(s.text, examples[s.prompt_index].answer) for s in samples]
