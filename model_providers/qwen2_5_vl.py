@@ -50,6 +50,8 @@ def language_config(
     """The decoder's TransformerConfig from HF's `Qwen2_5_VLTextConfig` (Qwen2 block + M-RoPE)."""
     if getattr(hf_text, "use_sliding_window", False):
         raise NotImplementedError("Qwen2.5-VL with use_sliding_window=True is not supported")
+    if sequence_parallel and backend != "te":
+        raise ValueError("sequence_parallel needs the TE spec: Megatron's local (torch) norms reject it")
     if hf_text.num_key_value_heads % tp_size:
         raise ValueError(f"num_key_value_heads={hf_text.num_key_value_heads} not divisible by TP={tp_size}")
     head_dim = getattr(hf_text, "head_dim", None) or hf_text.hidden_size // hf_text.num_attention_heads

@@ -3,15 +3,17 @@
 Decision: the tower is tensor-parallel, built from the same Megatron `TransformerLayer` slots as the
 decoder (column-parallel fused QKV, row-parallel projection, column/row-parallel SwiGLU MLP), not a
 plain module replicated on every TP rank. Why:
-  * size: the tower has ~670M parameters in every Qwen2.5-VL (3B..72B); replicated, its weights, grads
-    and Adam state cost ~10 GB per GPU, and its attention over thousands of patches is repeated TP times;
+  * size: the tower has ~670M parameters in every Qwen2.5-VL (3B..72B); replicated, its bf16 weights,
+    fp32 grads/master copy and Adam state cost ~12 GB on every GPU, and its attention over thousands of
+    patches would be computed TP times over;
   * one implementation of attention/MLP for both towers: the same spec switch (local on CPU, TE on GPU),
     the same HF<->Megatron rules (QKV interleave, gate/up fusion) and the same checkpoint sharding.
 What it takes:
   * windows: Megatron's layers get one attention mask per call, so the tower runs its layers itself and
     hands each a block-diagonal mask (per window, or per image/frame for `fullatt_block_indexes`), with
-    mask type `arbitrary`. Dense masks are O(patches^2) memory; a THD/cu_seqlens path on TE is the
-    upgrade for very large images (see the report in the module providers' tests).
+    mask type `arbitrary` (TE accepts the same mask type; not yet run with TE here). Dense masks cost
+    O(patches^2) memory; packed THD attention with cu_seqlens on TE is the upgrade for large images
+    (not done: Megatron's THD RoPE restarts positions per sequence, which the 2D RoPE must not).
   * 2D RoPE: the per-patch (h, w) frequencies are passed as `rotary_pos_emb [s, 1, 1, head_dim]`; Megatron
     applies them with the same rotate-half rule as HF.
   * TP divisibility: the MLP width (3420 in the real towers) is zero-padded to a multiple of TP; zero

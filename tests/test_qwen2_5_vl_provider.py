@@ -308,6 +308,13 @@ def test_backend_choice_and_te_names(hf_config):
         get_mapping("not_an_arch", hf_config)
 
 
+def test_sequence_parallel_needs_te(megatron_world, hf_config):
+    from model_providers import build_qwen2_5_vl
+
+    with pytest.raises(ValueError, match="sequence_parallel needs the TE spec"):
+        build_qwen2_5_vl(hf_config, spec="local", sequence_parallel=True)
+
+
 # ---- torchrun layouts ------------------------------------------------------------------------------------
 
 

@@ -125,7 +125,7 @@ def make_case(name: str, seed: int = 0) -> dict[str, torch.Tensor | None]:
     if name == "text":
         rows = [text(12), text(12)]
     elif name == "one_image":
-        rows = [text(3) + vision(0) + text(4)]
+        rows = [text(3) + vision(0) + text(5)]  # even length: sequence parallelism splits s over TP
     else:  # sample 0: two images; sample 1: one image, then text up to the same length
         row0 = text(2) + vision(0) + text(3) + vision(1) + text(2)
         row1 = text(3) + vision(2)
