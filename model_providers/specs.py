@@ -55,7 +55,10 @@ def resolve_backend(spec: SpecChoice = "auto") -> Backend:
         _require_te()
         return "te"
     if spec == "auto":
-        return "te" if torch.cuda.is_available() and te_available() else "local"
+        if torch.cuda.is_available() and te_available():
+            _require_te()  # installed but broken: say so rather than fail deep inside Megatron
+            return "te"
+        return "local"
     raise ValueError(f"spec must be 'auto', 'local' or 'te', got {spec!r}")
 
 
