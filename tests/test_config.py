@@ -1,0 +1,48 @@
+"""Config loading: defaults.yaml documents every key, shipped configs load, bad keys/types are named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from calibrl_mcore.config import ConfigError, field_docs, load_config, render_defaults_yaml
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_yaml_is_current_and_documents_every_key():
+    assert (CONFIGS / "defaults.yaml").read_text() == render_defaults_yaml(), (
+        "configs/defaults.yaml is stale: run `python -m calibrl_mcore.config > configs/defaults.yaml`"
+    )
+    undocumented = [k for k, doc in field_docs().items() if not doc]
+    assert not undocumented
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    load_config(path)
+
+
+def test_overrides_and_errors():
+    cfg = load_config(CONFIGS / "tiny_cpu.yaml", ["algo.name=grpo", "algo.alpha=0.25", "train.steps=7"])
+    assert (cfg.algo.name, cfg.algo.alpha, cfg.train.steps) == ("grpo", 0.25, 7)
+    with pytest.raises(ConfigError, match="algo.nam"):
+        load_config(None, ["algo.nam=grpo"])
+    with pytest.raises(ConfigError, match="algo.alpha"):
+        load_config(None, ["algo.alpha=abc"])
+    with pytest.raises(ConfigError, match="algo.name"):
+        load_config(None, ["algo.name=ppo"])
+    with pytest.raises(ConfigError, match="train.micro_batch_size"):
+        load_config(None, ["train.micro_batch_size=0"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(CONFIGS / "nope.yaml")
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(None, ["algo.name"])
+
+
+def test_unknown_key_in_file_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"train\.stepz"):
+        load_config(bad)

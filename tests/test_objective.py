@@ -1,0 +1,53 @@
+"""Vocab-parallel log-probs / entropy and micro-batch collation vs plain references (single process)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from calibrl_mcore.parallel import ParallelConfig, destroy_distributed, init_distributed
+from calibrl_mcore.trainer.batch import Row, chunk_by_length, collate, padding_fraction
+from calibrl_mcore.trainer.objective import token_logprobs, vocab_parallel_entropy
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    init_distributed(ParallelConfig())
+    yield
+    destroy_distributed()
+
+
+def test_logprobs_and_entropy_match_log_softmax(single_process):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 11, generator=g, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 5), generator=g)
+    ref = torch.log_softmax(logits.double(), -1)
+    lp = token_logprobs(logits, labels)
+    torch.testing.assert_close(lp.double(), ref.gather(-1, labels[..., None])[..., 0], rtol=1e-6, atol=1e-6)
+    ent = vocab_parallel_entropy(logits)
+    torch.testing.assert_close(ent.double(), -(ref.exp() * ref).sum(-1), rtol=1e-6, atol=1e-6)
+    ent.sum().backward()  # differentiable (entropy bonus)
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_collate_places_response_values_at_prediction_columns():
+    rows = [Row(uid="a", group_id=1, is_expert=False, prompt_ids=[5, 6, 7], response_ids=[8, 9]),
+            Row(uid="b", group_id=1, is_expert=False, prompt_ids=[5, 6, 7], response_ids=[3, 4, 2, 1])]
+    pos = lambda ids, grid, attn: torch.arange(ids.shape[1]).expand_as(ids)  # noqa: E731
+    mb = collate(rows, [0, 1], pos, {"old": lambda i: [float(10 * i + j) for j in range(len(rows[i].response_ids))]},
+                 {"adv": lambda i: 0.5 - i}, pad_id=0)
+    assert mb.input_ids.tolist() == [[5, 6, 7, 8, 9, 0, 0], [5, 6, 7, 3, 4, 2, 1]]
+    assert mb.labels.tolist() == [[6, 7, 8, 9, 0, 0, 0], [6, 7, 3, 4, 2, 1, 0]]
+    # logits at column 2 predict the first response token (column 3 of input_ids)
+    assert mb.loss_mask.tolist() == [[False, False, True, True, False, False, False],
+                                     [False, False, True, True, True, True, False]]
+    assert mb.extras["old"][1, 2:6].tolist() == [10.0, 11.0, 12.0, 13.0]
+    assert mb.extras["adv"].tolist() == [0.5, -0.5]
+    assert mb.seq_lengths.tolist() == [5, 7]
+    assert padding_fraction([mb]) == pytest.approx(2 / 14)
+
+
+def test_chunks_are_length_sorted():
+    rows = [Row(uid=str(i), group_id=0, is_expert=False, prompt_ids=[1] * n, response_ids=[2]) for i, n in
+            enumerate([5, 1, 3, 2])]
+    assert chunk_by_length(range(4), rows, 2) == [[1, 3], [2, 0]]

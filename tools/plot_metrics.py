@@ -1,0 +1,81 @@
+"""Plot training curves of one or more runs side by side.
+
+    python tools/plot_metrics.py runs/demo/calibrl runs/demo/grpo --out runs/demo/plots
+
+Reads each RUN_DIR/metrics.jsonl and writes one PNG per metric group (reward, entropy, losses, eval
+accuracy, timing) with one line per run, labelled by the run directory's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PANELS: dict[str, list[str]] = {
+    "reward": ["reward/mean", "reward/pass_rate", "reward/format"],
+    "entropy": ["train/entropy"],
+    "loss": ["train/pg_loss", "train/cal_loss", "train/loss"],
+    "eval": ["eval/accuracy", "eval/format"],
+    "timing": ["time/step_s", "rollout/time_s", "time/train_s"],
+}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run directory?")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{n}: not JSON ({exc})") from exc
+    return rows
+
+
+def plot_runs(run_dirs: list[Path], out_dir: Path) -> list[Path]:
+    runs = {Path(d).name: read_metrics(Path(d)) for d in run_dirs}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for panel, keys in PANELS.items():
+        present = [k for k in keys if any(k in r for rows in runs.values() for r in rows)]
+        if not present:
+            continue
+        fig, axes = plt.subplots(1, len(present), figsize=(4.5 * len(present), 3.2), squeeze=False)
+        for ax, key in zip(axes[0], present):
+            for name, rows in runs.items():
+                pts = [(r["step"], r[key]) for r in rows if key in r]
+                if pts:
+                    xs, ys = zip(*pts)
+                    ax.plot(xs, ys, marker="o" if len(pts) < 3 else None, label=name)
+            ax.set_title(key)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend()
+        fig.tight_layout()
+        path = out_dir / f"{panel}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories (each with metrics.jsonl)")
+    parser.add_argument("--out", type=Path, default=Path("plots"), help="output folder for PNGs")
+    args = parser.parse_args(argv)
+    for path in plot_runs(args.runs, args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
