@@ -88,7 +88,7 @@ def throughput(model_dir: Path, device: str, quick: bool) -> dict[str, Any]:
     vocab = len(engine.tokenizer)
     stop_ids = sorted(engine._eos_ids) + list(range(100, 100 + N_STOP_IDS))
     pad_id = engine.tokenizer.pad_token_id or 0
-    count, max_new = (8, 32) if quick else (32, 128)
+    count, max_new, repeats = (8, 32, 1) if quick else (32, 128, 2)
     prompts = make_prompts(vocab, count, 16, 64 if quick else 384, seed=0)
     cases = {
         "greedy_n1": SamplingParams(max_new_tokens=max_new, temperature=0.0, n=1),
@@ -103,10 +103,15 @@ def throughput(model_dir: Path, device: str, quick: bool) -> dict[str, Any]:
         params = SamplingParams(**{**params.__dict__, "stop_token_ids": tuple(stop_ids), "ignore_eos": False})
         run_engine(engine, prompts[:2], params)  # warm-up both sides
         run_hf(model, pad_id, prompts[:2], params, stop_ids, torch.device(device))
-        engine_s, engine_tokens = run_engine(engine, prompts, params)
-        hf_s, hf_tokens = run_hf(model, pad_id, prompts, params, stop_ids, torch.device(device))
+        # Best of `repeats` alternating runs: the 2-core CI machines are shared, so single runs are noisy.
+        engine_s = hf_s = float("inf")
+        for _ in range(repeats):
+            seconds, engine_tokens = run_engine(engine, prompts, params)
+            engine_s = min(engine_s, seconds)
+            seconds, hf_tokens = run_hf(model, pad_id, prompts, params, stop_ids, torch.device(device))
+            hf_s = min(hf_s, seconds)
         results[name] = {
-            "prompts": len(prompts), "n": params.n, "max_new_tokens": params.max_new_tokens,
+            "prompts": len(prompts), "n": params.n, "max_new_tokens": params.max_new_tokens, "best_of": repeats,
             "prompt_len_range": [len(prompts[0]), len(prompts[-1])],
             "engine_tokens_per_s": engine_tokens / engine_s, "engine_tokens": engine_tokens, "engine_s": engine_s,
             "hf_generate_tokens_per_s": hf_tokens / hf_s, "hf_tokens": hf_tokens, "hf_s": hf_s,

@@ -37,11 +37,16 @@ from rollout.engines.base import (
 )
 from rollout.engines.kv_batch import DecodeBatch, PromptState
 from rollout.engines.prompts import PromptBuilder, load_processor
-from rollout.engines.sampling import SamplingTensors, find_stop_string, sample_next_tokens
+from rollout.engines.sampling import (
+    SamplingTensors,
+    counter_uniforms,
+    find_stop_string,
+    row_key,
+    sample_next_tokens,
+)
 
 logger = logging.getLogger(__name__)
 
-_SEED_MIX = 1_000_003  # spreads (seed, sample index) pairs over distinct generator seeds
 
 
 @dataclass
@@ -61,8 +66,9 @@ class _Row:
 
     pending: _Pending
     sample_index: int
-    generator: torch.Generator
+    key: int  # random stream of this sample: uniforms are hash(key, token index)
     max_new_tokens: int  # already clipped by the context length
+    stop_ids: frozenset[int]  # token ids that end this sample (eos unless ignore_eos, stop_token_ids)
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finished: bool = False  # done, but still occupying a slab row until the next compaction
@@ -106,6 +112,7 @@ class EmbeddedEngine(RolloutEngine):
         self._waiting: deque[_Pending] = deque()
         self._batch: DecodeBatch | None = None
         self._rows: list[_Row] = []
+        self._row_tensors: tuple[torch.Tensor, ...] | None = None  # per-row sampling settings of _rows
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._scheduler_loop, name="embedded-engine", daemon=True)
         self._thread.start()
@@ -249,6 +256,7 @@ class EmbeddedEngine(RolloutEngine):
             self._batch = DecodeBatch.from_prefills(prefills, self._cache_kwarg)
         else:
             self._batch.append_prefills(prefills)
+        self._row_tensors = None
         for _, _, rows, first_tokens in admitted:
             start = len(self._rows)
             self._rows.extend(rows)
@@ -272,11 +280,8 @@ class EmbeddedEngine(RolloutEngine):
         )
         seed = sampling.seed if sampling.seed is not None else random.SystemRandom().getrandbits(62)
         budget = min(sampling.max_new_tokens, self.max_context_len - prompt.length)
-        rows = []
-        for i in range(sampling.n):
-            generator = torch.Generator(device="cpu")
-            generator.manual_seed((seed * _SEED_MIX + i) & (2**63 - 1))
-            rows.append(_Row(pending, i, generator, budget))
+        stop_ids = frozenset(sampling.stop_token_ids) | (frozenset() if sampling.ignore_eos else self._eos_ids)
+        rows = [_Row(pending, i, row_key(seed, i), budget, stop_ids) for i in range(sampling.n)]
         logits = outputs.logits[:, -1, :].expand(sampling.n, -1)  # [n, V]: all samples share the prefix
         return cache, pending, rows, self._sample(logits, rows)
 
@@ -289,19 +294,24 @@ class EmbeddedEngine(RolloutEngine):
         self._compact()
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> tuple[list[int], list[float]]:
-        sampling = [row.pending.request.sampling for row in rows]
-        device = logits.device
-        params = SamplingTensors(
-            temperature=torch.tensor([s.temperature for s in sampling], dtype=torch.float32, device=device),
-            top_p=torch.tensor([s.top_p for s in sampling], dtype=torch.float32, device=device),
-            top_k=torch.tensor([s.top_k for s in sampling], dtype=torch.int64, device=device),
-            # One draw per live row per step from the row's own generator, also for greedy rows, so the
-            # random stream of a sample does not depend on its neighbours.
-            uniforms=torch.tensor(
-                [0.5 if row.finished else torch.rand((), generator=row.generator).item() for row in rows],
-                dtype=torch.float32,
-            ).to(device),
-        )
+        # Per-row settings change only when the batch's rows do: cache them for the decode steps.
+        if rows is not self._rows or self._row_tensors is None:
+            sampling = [row.pending.request.sampling for row in rows]
+            device = logits.device
+            row_tensors = (
+                torch.tensor([s.temperature for s in sampling], dtype=torch.float32, device=device),
+                torch.tensor([s.top_p for s in sampling], dtype=torch.float32, device=device),
+                torch.tensor([s.top_k for s in sampling], dtype=torch.int64, device=device),
+                torch.tensor([row.key for row in rows], dtype=torch.int64, device=device),
+            )
+            if rows is self._rows:
+                self._row_tensors = row_tensors
+        else:
+            row_tensors = self._row_tensors
+        temperature, top_p, top_k, keys = row_tensors
+        # The uniform of token j of a sample is hash(key, j): independent of batch and timing.
+        steps = torch.tensor([len(row.output_ids) for row in rows], dtype=torch.int64).to(logits.device)
+        params = SamplingTensors(temperature, top_p, top_k, uniforms=counter_uniforms(keys, steps))
         tokens, logprobs = sample_next_tokens(logits, params)
         return tokens.tolist(), logprobs.tolist()
 
@@ -332,13 +342,14 @@ class EmbeddedEngine(RolloutEngine):
             return
         keep = [i for i, row in enumerate(self._rows) if not row.finished]
         self._rows = [self._rows[i] for i in keep]
+        self._row_tensors = None
         assert self._batch is not None
         self._batch = self._batch.select(keep) if keep else None
 
     def _finish_reason(self, row: _Row, token: int) -> dict[str, Any] | None:
-        sampling = row.pending.request.sampling
-        if (not sampling.ignore_eos and token in self._eos_ids) or token in sampling.stop_token_ids:
+        if token in row.stop_ids:
             return {"type": "stop", "matched": token}
+        sampling = row.pending.request.sampling
         if sampling.stop:
             # Decode only a tail window each step; confirm a hit on the full text (tails can split bytes).
             window = max(len(s) for s in sampling.stop) + 2
@@ -390,6 +401,7 @@ class EmbeddedEngine(RolloutEngine):
             if not row.pending.future.done():
                 row.pending.future.set_exception(exc)
         self._rows = []
+        self._row_tensors = None
         self._batch = None
 
     def _drain_all(self) -> list[_Pending]:

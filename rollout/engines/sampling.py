@@ -2,8 +2,10 @@
 
 Every row of a decode batch can carry its own temperature / top-p / top-k, so the filters are applied
 as per-row tensors in one pass instead of a Python loop over rows. Randomness comes from one uniform
-number per row per step, drawn by the caller from that row's own `torch.Generator`: a seeded sample is
-then reproducible whatever else shares its batch, and on any device (the generators live on the CPU).
+number per row per step, computed by a counter-based generator: uniform = hash(row key, token index),
+where the row key derives from the request's seed and the sample's index. A seeded sample is thus
+reproducible whatever else shares its batch, whenever it was scheduled, and on any device, and the
+whole batch's draws are a handful of tensor ops instead of one generator call per row.
 
 Log-probs: we return log_softmax of the *raw* logits (temperature 1, before top-p/top-k) at the sampled
 token, in fp32. That is what SGLang returns by default and what an RL trainer compares against its own
@@ -69,6 +71,31 @@ def _sample_filtered(logits: torch.Tensor, params: SamplingTensors) -> torch.Ten
     if needs_filter:
         return order.gather(1, position).squeeze(1)
     return position.squeeze(1)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def row_key(seed: int, sample_index: int) -> int:
+    """A 63-bit key per (request seed, sample index); distinct samples get unrelated streams."""
+    x = (seed * 0x9E3779B97F4A7C15 + sample_index * 0xD1B54A32D192ED03 + 1) & _MASK64
+    x = ((x ^ (x >> 33)) * 0xFF51AFD7ED558CCD) & _MASK64
+    return (x ^ (x >> 33)) & ((1 << 63) - 1)
+
+
+def counter_uniforms(keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """Uniforms in [0, 1) from (key, step) pairs: [B] int64, [B] int64 -> [B] float32.
+
+    A splitmix64-style finaliser in int64 tensor arithmetic (multiplication wraps modulo 2^64 on
+    every device; shifts are masked to act as logical shifts). 24 bits are kept so the float32
+    result is exact and strictly below 1.
+    """
+    x = keys + steps * 0x2545F4914F6CDD1D  # int64, wrapping
+    for shift, multiplier in ((30, -0x40A7B892E31B1A47), (27, -0x6B2FB644ECCEEE15)):
+        # multipliers are 0xBF58476D1CE4E5B9 and 0x94D049BB133111EB written as signed int64
+        x = (x ^ ((x >> shift) & ((1 << (64 - shift)) - 1))) * multiplier
+    x = x ^ ((x >> 31) & ((1 << 33) - 1))
+    return ((x >> 40) & 0xFFFFFF).to(torch.float32) / float(1 << 24)
 
 
 def find_stop_string(text: str, stops: tuple[str, ...], search_from: int) -> tuple[int, str] | None:
