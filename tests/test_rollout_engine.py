@@ -78,6 +78,19 @@ def test_greedy_matches_hf_generate_and_logprobs_match_teacher_forcing(engine, h
         assert torch.allclose(torch.tensor(sample.output_logprobs), forced, atol=1e-5, rtol=0)
 
 
+def test_lean_decode_step_is_used_and_equals_the_hf_forward(engine, model_dir):
+    assert engine._lean_step is not None, "the lean decode step should accept the Qwen2.5-VL decoder"
+    hf_path = EmbeddedEngine(model_dir, max_batch_size=8, lean_decode=False)
+    try:
+        requests = [GenerateRequest(text=p, sampling=greedy(16), return_logprob=True) for p in PROMPTS]
+        lean_out, hf_out = engine.generate(requests), hf_path.generate(requests)
+        for (lean,), (hf,) in zip(lean_out, hf_out):
+            assert lean.output_ids == hf.output_ids
+            assert torch.allclose(torch.tensor(lean.output_logprobs), torch.tensor(hf.output_logprobs), atol=1e-6)
+    finally:
+        hf_path.shutdown()
+
+
 def test_greedy_with_image_matches_hf_for_text_and_input_ids(engine, hf_model):
     image = random_image(1)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
@@ -170,8 +183,8 @@ def test_context_length_and_input_validation(model_dir):
 
 def test_requests_join_the_running_batch(engine):
     """Continuous batching: a short request submitted mid-way finishes long before a long one."""
-    long_future = engine.submit(GenerateRequest(text=PROMPTS[0], sampling=greedy(400)))
-    time.sleep(0.3)
+    long_future = engine.submit(GenerateRequest(text=PROMPTS[0], sampling=greedy(3000)))
+    time.sleep(0.2)  # the long request is decoding by now (3000 steps take seconds)
     finished: dict[str, float] = {}
     short_future = engine.submit(GenerateRequest(text=PROMPTS[1], sampling=greedy(4)))
     short_future.add_done_callback(lambda _: finished.setdefault("short", time.perf_counter()))
@@ -256,6 +269,7 @@ def test_internvl_greedy_matches_hf(tmp_path_factory):
     path = tiny_model_dir(tmp_path_factory.getbasetemp(), "internvl", 0)
     eng = EmbeddedEngine(path, max_batch_size=8)
     try:
+        assert eng._lean_step is not None
         model = AutoModelForImageTextToText.from_pretrained(path).eval()
         image = random_image(3)
         text = eng.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}])

@@ -35,6 +35,7 @@ from rollout.engines.base import (
     SampleOutput,
     SamplingParams,
 )
+from rollout.engines.decode_step import LeanDecodeStep, matches_hf
 from rollout.engines.kv_batch import DecodeBatch, PromptState
 from rollout.engines.prompts import PromptBuilder, load_processor
 from rollout.engines.sampling import (
@@ -84,6 +85,7 @@ class EmbeddedEngine(RolloutEngine):
         dtype: torch.dtype = torch.float32,
         max_batch_size: int = 256,
         max_context_len: int | None = None,
+        lean_decode: bool = True,
     ) -> None:
         from transformers import AutoModelForImageTextToText
 
@@ -106,6 +108,7 @@ class EmbeddedEngine(RolloutEngine):
         # transformers 5 renamed `past_key_values` to `cache`; accept both generations of the API.
         forward_params = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
+        self._lean_step = self._checked_lean_step() if lean_decode else None
 
         self._model_lock = threading.Lock()
         self._queue: queue.Queue[_Pending] = queue.Queue()
@@ -263,11 +266,10 @@ class EmbeddedEngine(RolloutEngine):
             self._record_tokens(first_tokens, start_row=start)
         self._compact()
 
-    def _prefill(self, pending: _Pending) -> tuple[Any, _Pending, list[_Row], tuple[list[int], list[float]]]:
-        """Run the prompt once (batch 1) and sample the first token of each of its n samples."""
+    def _prefill_forward(self, prompt: PromptState) -> tuple[Any, torch.Tensor]:
+        """HF forward of one prompt (batch 1, so its logits equal a plain forward): (cache, logits [1, V])."""
         from transformers import DynamicCache
 
-        prompt, sampling = pending.prompt, pending.request.sampling
         cache = DynamicCache()
         outputs = self.model(
             input_ids=prompt.input_ids[None, :],  # [1, L]
@@ -278,18 +280,48 @@ class EmbeddedEngine(RolloutEngine):
             **{self._cache_kwarg: cache},
             **prompt.model_kwargs,
         )
+        return cache, outputs.logits[:, -1, :]
+
+    def _decode_logits(self, batch: DecodeBatch, lean: bool) -> torch.Tensor:
+        """One decode step of every row: logits [B, V]."""
+        input_ids, model_inputs = batch.step_inputs()  # input_ids [B, 1]
+        if lean and self._lean_step is not None:
+            return self._lean_step(input_ids, model_inputs["attention_mask"], model_inputs["position_ids"],
+                                   batch.cache)
+        return self.model(input_ids=input_ids, use_cache=True, **model_inputs).logits[:, -1, :]
+
+    def _checked_lean_step(self) -> LeanDecodeStep | None:
+        """The lean decode step if this model has a supported decoder and it matches the HF forward."""
+        step = LeanDecodeStep.for_model(self.model)
+        if step is None:
+            return None
+        self._lean_step = step
+        prompt = self.prompts.build(GenerateRequest(input_ids=list(range(1, 6))))
+        batches = []
+        with torch.inference_mode():
+            for _ in range(2):  # two identical 2-row batches, one per path
+                cache, _ = self._prefill_forward(prompt)
+                batch = DecodeBatch.from_prefills([(cache, prompt, 2)], self._cache_kwarg)
+                batch.set_last_tokens([6, 7], 0)
+                batches.append(batch)
+            ok = matches_hf(step, lambda: self._decode_logits(batches[0], lean=False),
+                            lambda: self._decode_logits(batches[1], lean=True), self.dtype)
+        return step if ok else None
+
+    def _prefill(self, pending: _Pending) -> tuple[Any, _Pending, list[_Row], tuple[list[int], list[float]]]:
+        """Run the prompt once (batch 1) and sample the first token of each of its n samples."""
+        prompt, sampling = pending.prompt, pending.request.sampling
+        cache, last_logits = self._prefill_forward(prompt)
         seed = sampling.seed if sampling.seed is not None else random.SystemRandom().getrandbits(62)
         budget = min(sampling.max_new_tokens, self.max_context_len - prompt.length)
         stop_ids = frozenset(sampling.stop_token_ids) | (frozenset() if sampling.ignore_eos else self._eos_ids)
         rows = [_Row(pending, i, row_key(seed, i), budget, stop_ids) for i in range(sampling.n)]
-        logits = outputs.logits[:, -1, :].expand(sampling.n, -1)  # [n, V]: all samples share the prefix
+        logits = last_logits.expand(sampling.n, -1)  # [n, V]: all samples share the prefix
         return cache, pending, rows, self._sample(logits, rows)
 
     def _decode_step(self) -> None:
         assert self._batch is not None
-        input_ids, model_inputs = self._batch.step_inputs()  # input_ids [B, 1]
-        outputs = self.model(input_ids=input_ids, use_cache=True, **model_inputs)
-        tokens = self._sample(outputs.logits[:, -1, :], self._rows)  # logits [B, V]
+        tokens = self._sample(self._decode_logits(self._batch, lean=True), self._rows)
         self._record_tokens(tokens, start_row=0)
         self._compact()
 
