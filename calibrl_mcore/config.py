@@ -78,6 +78,10 @@ class RolloutConfig:
     """API key for weight-update routes ('' = none)."""
     weight_sync_bucket_mb: int = 64
     """weights are pushed to the server in buckets of at most this size."""
+    server_device: str = "cpu"
+    """device of the embedded server the trainer starts ('cpu', 'cuda', 'cuda:1', ...)."""
+    server_dtype: str = "float32"
+    """dtype of the embedded server the trainer starts: float32 | bfloat16."""
 
 
 @dataclass

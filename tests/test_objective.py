@@ -51,3 +51,14 @@ def test_chunks_are_length_sorted():
     rows = [Row(uid=str(i), group_id=0, is_expert=False, prompt_ids=[1] * n, response_ids=[2]) for i, n in
             enumerate([5, 1, 3, 2])]
     assert chunk_by_length(range(4), rows, 2) == [[1, 3], [2, 0]]
+
+
+def test_fused_logprobs_and_entropy_match_vocab_parallel_path(single_process):
+    from calibrl_mcore.trainer.objective import logprobs_and_entropy
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 4, 13, generator=g)
+    labels = torch.randint(0, 13, (2, 4), generator=g)
+    lp, ent = logprobs_and_entropy(logits, labels)
+    torch.testing.assert_close(lp, token_logprobs(logits, labels), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ent, vocab_parallel_entropy(logits), rtol=1e-6, atol=1e-6)

@@ -71,8 +71,10 @@ class Trainer:
             if not urls[0]:  # colocated: our own embedded server, a child process on loopback
                 if cfg.rollout.engine != "embedded":
                     raise ValueError(f"rollout.engine={cfg.rollout.engine!r} needs rollout.urls of running servers")
-                self.server = EmbeddedServerProcess(cfg.model.hf_path, api_key=cfg.rollout.api_key,
-                                                    log_path=self.run_dir / "rollout_server.log").start()
+                self.server = EmbeddedServerProcess(
+                    cfg.model.hf_path, api_key=cfg.rollout.api_key, log_path=self.run_dir / "rollout_server.log",
+                    extra_args=["--device", cfg.rollout.server_device, "--dtype", cfg.rollout.server_dtype],
+                ).start()
                 urls = [[self.server.url]]
             client = RolloutClient(urls[0], api_key=cfg.rollout.api_key or None, timeout=cfg.rollout.timeout_s,
                                    max_retries=cfg.rollout.max_retries)
@@ -107,10 +109,14 @@ class Trainer:
             self._load(self.ckpt.latest())
             self.sync.push(self.weight_version)  # the server restarted from the HF weights: bring it up to date
         metrics: dict[str, float] = {}
+        first = True
         while self.step < cfg.train.steps:
             metrics = self.train_step()
             self.step += 1
             metrics["step"] = float(self.step)
+            if first:  # load-time data bookkeeping, once per process (also after a resume)
+                metrics["data/skipped_rows"] = float(self.dataset.num_skipped)
+                first = False
             if self.eval_set is not None and cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                 metrics.update(self.evaluate())
             self.logger.log(self.step, metrics)

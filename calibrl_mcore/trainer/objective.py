@@ -41,6 +41,25 @@ def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
     return torch.log(sum_e) - sum_ez / sum_e
 
 
+def logprobs_and_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, *, entropy_grad: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log π(labels), entropy), both [b, s] fp32, sharing one softmax where the vocab is not split.
+
+    Without TP one fused `log_softmax` serves both; under TP the vocab-parallel routines above do.
+    The entropy is a metric unless `entropy_grad` (an entropy bonus in the loss).
+    """
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        logp = token_logprobs(logits, labels)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            return logp, vocab_parallel_entropy(logits)
+    log_probs = torch.log_softmax(logits.float(), dim=-1)  # [b, s, V]
+    logp = log_probs.gather(-1, labels.to(logits.device).unsqueeze(-1)).squeeze(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+    return logp, entropy
+
+
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits if temperature == 1.0 else logits / temperature
 
@@ -50,9 +69,10 @@ def logprob_fn(temperature: float = 1.0, with_entropy: bool = False) -> LossFn:
 
     def fn(mb: MicroBatch, logits: torch.Tensor):
         logits = _scaled(logits, temperature)
-        out = {"row_index": mb.row_index, "logp": token_logprobs(logits, mb.labels).detach()}
+        logp, entropy = logprobs_and_entropy(logits, mb.labels)
+        out = {"row_index": mb.row_index, "logp": logp.detach()}
         if with_entropy:
-            out["entropy"] = vocab_parallel_entropy(logits).detach()
+            out["entropy"] = entropy.detach()
         return logits.new_zeros(()), out
 
     return fn
@@ -84,12 +104,7 @@ def rl_loss_fn(cfg: AlgoConfig, normalizer: LossNormalizer, temperature: float =
         logits = _scaled(logits, temperature)
         dev = logits.device
         x = {k: v.to(dev) for k, v in mb.extras.items()}
-        logp = token_logprobs(logits, mb.labels)
-        if need_entropy_grad:
-            entropy = vocab_parallel_entropy(logits)
-        else:
-            with torch.no_grad():
-                entropy = vocab_parallel_entropy(logits)
+        logp, entropy = logprobs_and_entropy(logits, mb.labels, entropy_grad=need_entropy_grad)
         common = dict(
             clip_low=cfg.clip_low,
             clip_high=cfg.clip_high,

@@ -1,0 +1,181 @@
+"""Benchmark: our Megatron policy (fwd + bwd with the CalibRL loss) vs transformers' Qwen2 with SDPA on the
+same decoder shape and tokens, in one run on one device.
+
+    python bench/gpu_train.py --shape 3b --seq 4096          # on the lent GPU (bf16)
+    python bench/gpu_train.py --shape tiny --seq 128         # on CPU (fp32): keeps the code path tested
+
+Shapes are Qwen2.5-VL text decoders (3B: 36 layers, hidden 2048, FFN 11008, 16 heads, 2 KV heads, vocab
+151936). Random weights; the same token batch for both stacks. Reports tokens/s, model TFLOP/s
+(6·N·tokens + causal attention 6·L·s·h per token), MFU against --peak-tflops, peak memory. Writes
+bench/results/gpu_train.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHAPES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=768),
+    "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+               num_key_value_heads=2, vocab_size=151936),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064),
+}
+
+
+def vl_config(shape: dict):
+    from transformers import Qwen2_5_VLConfig
+
+    head_dim = shape["hidden_size"] // shape["num_attention_heads"]
+    section = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]  # 16:24:24 of 128, scaled
+    text = dict(shape, rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section},
+                max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=shape["hidden_size"],
+                  fullatt_block_indexes=[0], patch_size=14, spatial_merge_size=2, window_size=56)
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=shape["vocab_size"] - 3,
+                            video_token_id=shape["vocab_size"] - 2, vision_start_token_id=shape["vocab_size"] - 4)
+
+
+def flops_per_token(shape: dict, seq: int) -> float:
+    h, f, layers, v = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"], shape["vocab_size"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    params = layers * (h * h * 2 + 2 * h * kv + 3 * h * f) + h * v  # attention + MLP + output layer
+    return 6 * params + 6 * layers * seq * h  # causal attention: half of 12·L·s·h
+
+
+def loss_inputs(b: int, s: int, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    old = (-torch.rand(b, s, generator=g) * 4).to(device)
+    return dict(old=old, expert=(old - 0.1), adv=torch.randn(b, generator=g).to(device),
+                passed=(torch.rand(b, generator=g) > 0.5).to(device), mask=torch.ones(b, s, dtype=torch.bool, device=device))
+
+
+def calibrl_step_loss(logp, x):
+    from calibrl_mcore.algo.losses import calibrl_loss
+
+    loss, _ = calibrl_loss(logp, x["old"], x["expert"], x["adv"], x["passed"], x["mask"])
+    return loss
+
+
+def time_steps(fn, steps: int, warmup: int, device) -> list[float]:
+    out = []
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def bench_megatron(cfg, tokens, x, dtype, steps, warmup, device, recompute: bool):
+    from calibrl_mcore.trainer.objective import logprobs_and_entropy
+    from model_providers.registry import build_model
+
+    model = build_model(cfg, params_dtype=dtype, spec="auto").to(device)
+    if recompute:
+        model.config.recompute_granularity, model.config.recompute_method = "full", "uniform"
+        model.config.recompute_num_layers = 1
+    labels = torch.roll(tokens, -1, dims=1)
+    pos = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
+
+    def step():
+        logits = model(tokens, pos, None)
+        logp, _ = logprobs_and_entropy(logits, labels)
+        calibrl_step_loss(logp, x).backward()
+        model.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = time_steps(step, steps, warmup, device)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    del model
+    return times, peak
+
+
+def bench_transformers(cfg, tokens, x, dtype, steps, warmup, device):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    text = cfg.text_config.to_dict()
+    text.pop("rope_parameters", None)
+    qcfg = Qwen2Config(**{k: text[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                               "num_attention_heads", "num_key_value_heads", "vocab_size",
+                                               "rms_norm_eps", "max_position_embeddings")},
+                       attn_implementation="sdpa", use_cache=False)
+    with torch.device(device):  # initialise on the device: a 3B CPU init takes minutes
+        model = Qwen2ForCausalLM._from_config(qcfg, torch_dtype=dtype)
+    labels = torch.roll(tokens, -1, dims=1)
+
+    def step():
+        logits = model(input_ids=tokens, use_cache=False).logits
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None]).squeeze(-1)
+        calibrl_step_loss(logp, x).backward()
+        model.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = time_steps(step, steps, warmup, device)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    del model
+    return times, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--recompute", action="store_true", help="full activation recompute (Megatron side)")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gpu_train.json")
+    args = parser.parse_args()
+
+    from calibrl_mcore.parallel import ParallelConfig, destroy_distributed, init_distributed
+
+    info = init_distributed(ParallelConfig())
+    device = info.device
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shape = SHAPES[args.shape]
+    cfg = vl_config(shape)
+    torch.manual_seed(0)
+    tokens = torch.randint(0, shape["vocab_size"] - 8, (1, args.seq), device=device)
+    x = loss_inputs(1, args.seq, device)
+    fpt = flops_per_token(shape, args.seq)
+    result = {"shape": args.shape, "seq": args.seq, "dtype": str(dtype), "device": str(device),
+              "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "stacks": {}}
+    runs = {"megatron_calibrl": lambda: bench_megatron(cfg, tokens, x, dtype, args.steps, args.warmup, device,
+                                                       args.recompute),
+            "transformers_sdpa": lambda: bench_transformers(cfg, tokens, x, dtype, args.steps, args.warmup, device)}
+    for name, fn in runs.items():
+        times, peak = fn()
+        step_s = statistics.median(times)
+        tps = args.seq / step_s
+        result["stacks"][name] = {"step_s": step_s, "tokens_per_s": tps, "model_tflops": tps * fpt / 1e12,
+                                  "mfu": tps * fpt / 1e12 / args.peak_tflops, "peak_gb": peak, "all_s": times}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    s = result["stacks"]
+    result["megatron_over_transformers_throughput"] = (s["megatron_calibrl"]["tokens_per_s"]
+                                                       / s["transformers_sdpa"]["tokens_per_s"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
