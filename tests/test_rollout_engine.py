@@ -213,6 +213,10 @@ def test_update_weights_from_tensors_validates_and_changes_outputs(engine):
     finally:
         engine.update_weights_from_tensors([(name, original)], weight_version=version + 2)
     assert engine.generate([request])[0][0].output_ids == before.output_ids
+    # Pre-transformers-5 checkpoint names (what older exporters write) map onto the module names.
+    legacy = "model.layers.0.mlp.up_proj.weight"
+    current = dict(engine.model.named_parameters())["model.language_model.layers.0.mlp.up_proj.weight"]
+    assert engine.update_weights_from_tensors([(legacy, current.detach().clone())]) == version + 3
 
 
 def test_concurrent_submitters(engine):

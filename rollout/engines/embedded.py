@@ -164,8 +164,9 @@ class EmbeddedEngine(RolloutEngine):
     def update_weights_from_tensors(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: int | None = None
     ) -> int:
-        params = dict(self.model.named_parameters())
-        params.update(dict(self.model.named_buffers()))
+        # remove_duplicate=False: a tied lm_head.weight is addressable under its own name too.
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        params.update(dict(self.model.named_buffers(remove_duplicate=False)))
         # Check everything before copying anything, so a bad payload leaves the model untouched.
         staged: list[tuple[torch.Tensor, torch.Tensor]] = []
         for name, tensor in named_tensors:
