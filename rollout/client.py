@@ -139,7 +139,14 @@ class RolloutClient:
         """Push (HF name, tensor) pairs to every embedded server as one safetensors payload."""
         from safetensors.torch import save
 
-        payload = save({name: t.detach().contiguous().cpu() for name, t in named_tensors})
+        tensors, seen = {}, set()
+        for name, tensor in named_tensors:
+            tensor = tensor.detach().cpu().contiguous()
+            if tensor.untyped_storage().data_ptr() in seen:  # tied weights: safetensors refuses shared storage
+                tensor = tensor.clone()
+            seen.add(tensor.untyped_storage().data_ptr())
+            tensors[name] = tensor
+        payload = save(tensors)
         params = {} if weight_version is None else {"weight_version": str(weight_version)}
         return [self._post("/update_weights_from_tensor", payload, url=url, params=params) for url in self.urls]
 
