@@ -47,6 +47,7 @@ def make_rows(n: int, vocab: int, prompt_len: int, max_resp: int, seed: int = 0)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256, help="decoder width (FFN = 4x)")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=96)
     parser.add_argument("--max-response", type=int, default=128)
@@ -56,11 +57,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "trainer.json")
     args = parser.parse_args()
 
-    from tools.make_tiny_model import make_tiny_model
+    from gpu_train import vl_config  # bench/ is the script's folder
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     init_distributed(ParallelConfig())
-    tmp = Path(tempfile.mkdtemp())
-    model_dir = make_tiny_model("qwen2_5_vl", tmp / "m", seed=0, num_layers=args.layers)
+    model_dir = Path(tempfile.mkdtemp()) / "m"
+    shape = dict(hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
+                 num_attention_heads=args.hidden // 32, num_key_value_heads=2, vocab_size=768)
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(vl_config(shape)).save_pretrained(model_dir)
     policy = MegatronPolicy(ModelConfig(hf_path=str(model_dir), spec="local"), OptimConfig(lr=1e-5))
     vocab = policy.hf_config.text_config.vocab_size
     rows = make_rows(args.rows, vocab, args.prompt_len, args.max_response)

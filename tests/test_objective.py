@@ -62,3 +62,21 @@ def test_fused_logprobs_and_entropy_match_vocab_parallel_path(single_process):
     lp, ent = logprobs_and_entropy(logits, labels)
     torch.testing.assert_close(lp, token_logprobs(logits, labels), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ent, vocab_parallel_entropy(logits), rtol=1e-6, atol=1e-6)
+
+
+def test_response_only_logprobs_equal_full_computation_on_the_mask(single_process):
+    from calibrl_mcore.trainer.objective import logprobs_and_entropy, response_logprobs_and_entropy
+
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 6, 9, generator=g, requires_grad=True)
+    labels = torch.randint(0, 9, (2, 6), generator=g)
+    mask = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    lp, ent = response_logprobs_and_entropy(logits, labels, mask)
+    full_lp, full_ent = logprobs_and_entropy(logits, labels)
+    torch.testing.assert_close(lp, full_lp * mask)
+    torch.testing.assert_close(ent, full_ent.detach() * mask)
+    (lp * mask).sum().backward()
+    grad = logits.grad.clone()
+    logits.grad = None
+    (full_lp * mask).sum().backward()
+    torch.testing.assert_close(grad, logits.grad)
