@@ -26,6 +26,12 @@ class ModelConfig:
     """training parameter dtype: 'fp32' (CPU) or 'bf16' (GPU)."""
     spec: str = "auto"
     """layer spec: 'local' (CPU), 'te' (Transformer Engine), 'auto' (te on GPU when installed)."""
+    fp8: str = "none"
+    """FP8 training recipe with TE: none | delayed | tensorwise | blockwise (H100+ only)."""
+    fp8_bf16_layers: list[str] = field(default_factory=lambda: ["first", "last", "vision"])
+    """parts kept in bf16 under FP8: 'first'/'last' decoder layer, 'vision' tower."""
+    recompute: str = "none"
+    """activation recompute: none | selective (core attention) | full (whole layers)."""
 
 
 @dataclass
@@ -82,6 +88,10 @@ class RolloutConfig:
     """device of the embedded server the trainer starts ('cpu', 'cuda', 'cuda:1', ...)."""
     server_dtype: str = "float32"
     """dtype of the embedded server the trainer starts: float32 | bfloat16."""
+    server_tp_size: int = 1
+    """tensor parallelism of an SGLang/vLLM server the trainer starts."""
+    server_mem_fraction: float = 0.5
+    """GPU memory fraction an SGLang/vLLM server may take (colocated with training)."""
 
 
 @dataclass
@@ -203,6 +213,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("auto", "qwen2_5_vl", "internvl"),
     "model.dtype": ("fp32", "bf16"),
     "model.spec": ("auto", "local", "te"),
+    "model.fp8": ("none", "delayed", "tensorwise", "blockwise"),
+    "model.recompute": ("none", "selective", "full"),
     "rollout.engine": ("embedded", "sglang", "vllm"),
     "algo.name": ("grpo", "dapo", "luffy", "rlplus", "calibrl"),
     "algo.agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
