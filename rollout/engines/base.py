@@ -37,7 +37,7 @@ class SamplingParams:
     n: int = 1  # samples per prompt; they share one prefill
     stop: tuple[str, ...] = ()  # stop strings: the text is cut before them
     stop_token_ids: tuple[int, ...] = ()  # extra token ids that end a sample, like eos
-    seed: int | None = None  # per-request seed: sample i uses a generator derived from (seed, i)
+    seed: int | None = None  # token j of sample i draws hash((seed, i), j): reproducible in any batch
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     no_stop_trim: bool = False  # keep the matched stop string at the end of the text
