@@ -257,6 +257,12 @@ def test_sampler_filters_and_distribution():
         tokens, _ = sample_next_tokens(logits, SamplingTensors(torch.ones(4), torch.ones(4), torch.full((4,), 5),
                                                                torch.full((4,), float(u))))
         assert all(tokens[i] in top5[i] for i in range(4))
+    # Top-p applies to the top-k-renormalised distribution (HF / SGLang order): with probabilities
+    # [.4, .3, .2, .1], top-k 2 leaves [.57, .43], and top-p .5 then keeps the best token only.
+    row = torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log().expand(16, -1)
+    tokens, _ = sample_next_tokens(row, SamplingTensors(torch.ones(16), torch.full((16,), 0.5),
+                                                        torch.full((16,), 2), torch.linspace(0, 0.999, 16)))
+    assert tokens.tolist() == [0] * 16
     # Frequencies follow softmax(logits / T) on one row.
     row = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     draws = 20000

@@ -115,7 +115,7 @@ class EmbeddedEngine(RolloutEngine):
         self._waiting: deque[_Pending] = deque()
         self._batch: DecodeBatch | None = None
         self._rows: list[_Row] = []
-        self._row_tensors: tuple[torch.Tensor, ...] | None = None  # per-row sampling settings of _rows
+        self._row_tensors: tuple[Any, ...] | None = None  # per-row sampling settings of _rows
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._scheduler_loop, name="embedded-engine", daemon=True)
         self._thread.start()
@@ -336,17 +336,21 @@ class EmbeddedEngine(RolloutEngine):
                 torch.tensor([s.top_p for s in sampling], dtype=torch.float32, device=device),
                 torch.tensor([s.top_k for s in sampling], dtype=torch.int64, device=device),
                 torch.tensor([row.key for row in rows], dtype=torch.int64, device=device),
+                all(s.temperature == 0 for s in sampling),
+                any(s.top_p < 1 or s.top_k > 0 for s in sampling),
             )
             if rows is self._rows:
                 self._row_tensors = row_tensors
         else:
             row_tensors = self._row_tensors
-        temperature, top_p, top_k, keys = row_tensors
+        temperature, top_p, top_k, keys, all_greedy, needs_filter = row_tensors
         # The uniform of token j of a sample is hash(key, j): independent of batch and timing.
         steps = torch.tensor([len(row.output_ids) for row in rows], dtype=torch.int64).to(logits.device)
-        params = SamplingTensors(temperature, top_p, top_k, uniforms=counter_uniforms(keys, steps))
+        params = SamplingTensors(temperature, top_p, top_k, counter_uniforms(keys, steps), all_greedy, needs_filter)
         tokens, logprobs = sample_next_tokens(logits, params)
-        return tokens.tolist(), logprobs.tolist()
+        # One device->host copy for both (float64 holds every token id exactly).
+        tokens_and_logprobs = torch.stack([tokens.double(), logprobs.double()]).tolist()
+        return [int(t) for t in tokens_and_logprobs[0]], tokens_and_logprobs[1]
 
     def _record_tokens(self, sampled: tuple[list[int], list[float]], start_row: int) -> None:
         """Append this step's tokens to their live rows and finish rows that hit a stop."""

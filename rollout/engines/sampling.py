@@ -27,10 +27,16 @@ class SamplingTensors:
     top_p: torch.Tensor  # [B] float32 in (0, 1]
     top_k: torch.Tensor  # [B] int64; <= 0 means no top-k
     uniforms: torch.Tensor  # [B] float32 in [0, 1): this step's random draw per row
+    # Batch-wide shortcuts; the engine knows them from the requests, which avoids a device sync per
+    # step on GPU. None: derive them from the tensors.
+    all_greedy: bool | None = None
+    needs_filter: bool | None = None  # some row has an active top-k or top-p
 
-    @property
-    def all_greedy(self) -> bool:
-        return bool((self.temperature == 0).all())
+    def __post_init__(self) -> None:
+        if self.all_greedy is None:
+            self.all_greedy = bool((self.temperature == 0).all())
+        if self.needs_filter is None:
+            self.needs_filter = bool((self.top_k > 0).any() or (self.top_p < 1).any())
 
 
 def sample_next_tokens(logits: torch.Tensor, params: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +58,7 @@ def _sample_filtered(logits: torch.Tensor, params: SamplingTensors) -> torch.Ten
     # Greedy rows get temperature 1 here only to avoid dividing by 0; their sample is discarded.
     temperature = torch.where(params.temperature > 0, params.temperature, torch.ones_like(params.temperature))
     scaled = logits / temperature[:, None]  # [B, V]
-    needs_filter = bool(((params.top_k > 0) & (params.top_k < vocab)).any() or (params.top_p < 1).any())
+    needs_filter = params.needs_filter
     if needs_filter:
         scaled, order = scaled.sort(dim=-1, descending=True)  # [B, V] each, best token first
     probs = torch.softmax(scaled, dim=-1)  # [B, V]
@@ -61,9 +67,10 @@ def _sample_filtered(logits: torch.Tensor, params: SamplingTensors) -> torch.Ten
         top_k = torch.where(params.top_k > 0, params.top_k, torch.full_like(params.top_k, vocab))
         keep = ranks < top_k[:, None]  # [B, V]
         probs = probs * keep
-        # Keep a token while the mass strictly before it is < p: the best token always survives.
+        # Top-p on the top-k-renormalised distribution: keep a token while the mass strictly before it
+        # is < p of the kept mass (so the best token always survives).
         mass_before = probs.cumsum(dim=-1) - probs
-        keep = mass_before < params.top_p[:, None]  # [B, V]
+        keep = mass_before < params.top_p[:, None] * probs.sum(dim=-1, keepdim=True)  # [B, V]
         probs = probs * keep
     cdf = probs.cumsum(dim=-1)  # [B, V]
     threshold = params.uniforms[:, None] * cdf[:, -1:]  # [B, 1]; u < 1 so threshold < total mass
