@@ -130,7 +130,8 @@ def create_app(engine: RolloutEngine, api_key: str | None = None) -> FastAPI:
         for i in range(body.batch_size):
             text, input_ids = body.prompt(i)
             field, encoded = body.images(i)
-            images = [decode_image(data, f"{field}[{j}]" if len(encoded) > 1 else field) for j, data in enumerate(encoded)]
+            images = await run_in_threadpool(_decode_images, [
+                (f"{field}[{j}]" if len(encoded) > 1 else field, data) for j, data in enumerate(encoded)])
             requests.append(GenerateRequest(text=text, input_ids=input_ids, images=images,
                                             sampling=body.sampling(i).to_engine(), return_logprob=body.logprob(i)))
         per_prompt = await _run(engine, requests)
@@ -168,7 +169,7 @@ def create_app(engine: RolloutEngine, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionIn) -> dict[str, Any]:
         messages, image_refs = body.template_messages()
-        images = [decode_image(url, path) for path, url in image_refs]
+        images = await run_in_threadpool(_decode_images, image_refs)
         text = await run_in_threadpool(engine.apply_chat_template, messages)
         request = GenerateRequest(text=text, images=images, sampling=body.sampling(CHAT_DEFAULT_MAX_TOKENS),
                                   return_logprob=body.logprobs)
@@ -191,6 +192,11 @@ async def _run(engine: RolloutEngine, requests: list[GenerateRequest]) -> list[l
             raise EngineInputError(exc.field, f"{exc.message} (prompt {len(futures)})") from exc
         raise
     return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+
+
+def _decode_images(refs: list[tuple[str, str]]) -> list[Any]:
+    """(field path, base64 data) pairs -> PIL images; runs in a worker thread (decoding is CPU work)."""
+    return [decode_image(data, path) for path, data in refs]
 
 
 async def _read_tensor_payloads(request: Request) -> tuple[list[bytes], int | None]:
