@@ -128,6 +128,37 @@ class AlgoConfig:
     """RL-PLUS exploration weight exponent in (1 − π)^κ."""
     dynamic_sampling: bool = False
     """DAPO: drop groups whose rewards all agree (defaults to on for dapo)."""
+    alpha_schedule: str = "constant"
+    """α over the run: constant | linear | cosine (alpha → alpha_final) | pass_rate (alpha_max → alpha_min as
+    the group pass rate rises)."""
+    alpha_final: float = 0.5
+    """α at the last step for linear/cosine schedules."""
+    alpha_min: float = 0.1
+    """α at pass rate 1 (pass_rate schedule)."""
+    alpha_max: float = 0.9
+    """α at pass rate 0 (pass_rate schedule)."""
+    lam_schedule: str = "constant"
+    """λ over the run: constant | linear | cosine (lam → lam_final) | entropy (feedback controller)."""
+    lam_final: float = 0.1
+    """λ at the last step for linear/cosine schedules."""
+    entropy_target_low: float = 0.5
+    """entropy controller: raise λ when the policy entropy falls below this."""
+    entropy_target_high: float = 2.0
+    """entropy controller: lower λ when the policy entropy rises above this."""
+    lam_rate: float = 0.1
+    """entropy controller: multiplicative step of λ per rollout step."""
+    lam_min: float = 0.0
+    """entropy controller: lower bound of λ."""
+    lam_max: float = 1.0
+    """entropy controller: upper bound of λ."""
+    num_experts: int = 1
+    """expert solutions used per prompt (from the data's list of experts)."""
+    expert_agg: str = "mean"
+    """baseline over several experts at each position: mean | max | logmeanexp of their log-probs."""
+    expert_gate: str = "none"
+    """experts failing the verifier: none (use them) | drop (no calibration for the group) | downweight."""
+    expert_gate_weight: float = 0.5
+    """calibration weight of a group whose experts all fail the verifier (expert_gate=downweight)."""
 
 
 @dataclass
@@ -217,6 +248,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.recompute": ("none", "selective", "full"),
     "rollout.engine": ("embedded", "sglang", "vllm"),
     "algo.name": ("grpo", "dapo", "luffy", "rlplus", "calibrl"),
+    "algo.alpha_schedule": ("constant", "linear", "cosine", "pass_rate"),
+    "algo.lam_schedule": ("constant", "linear", "cosine", "entropy"),
+    "algo.expert_agg": ("mean", "max", "logmeanexp"),
+    "algo.expert_gate": ("none", "drop", "downweight"),
     "algo.agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
     "optim.lr_schedule": ("constant", "cosine", "linear"),
 }
@@ -232,7 +267,7 @@ def _validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
-    positive = ["rollout.n_samples", "rollout.max_new_tokens", "train.prompts_per_step",
+    positive = ["algo.num_experts", "rollout.n_samples", "rollout.max_new_tokens", "train.prompts_per_step",
                 "train.mini_batches_per_step", "train.micro_batch_size", "sft.batch_size"]
     for key in positive:
         section, name = key.split(".")

@@ -13,6 +13,7 @@ Every rank runs this code; only rank 0 talks to the rollout server and writes lo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -24,6 +25,8 @@ from megatron.core import parallel_state
 
 from calibrl_mcore.algo.advantages import compute_group_advantages
 from calibrl_mcore.algo.aggregation import compute_loss_normalizer
+from calibrl_mcore.algo.experts import aggregate_expert_baselines, expert_gate_weight
+from calibrl_mcore.algo.schedules import CoefficientSchedule
 from calibrl_mcore.config import Config, to_yaml
 from calibrl_mcore.data.dataset import PromptDataset, PromptSampler
 from calibrl_mcore.parallel import ParallelConfig, destroy_distributed, init_distributed
@@ -64,6 +67,7 @@ class Trainer:
         self.eval_set = PromptDataset.from_path(cfg.data.eval_path, seed=cfg.data.seed) if cfg.data.eval_path else None
         self.step = 0
         self.weight_version = 0
+        self.coefficients = CoefficientSchedule(cfg.algo, cfg.train.steps)
         self._check_layout()
         self.server, self.stage, urls = None, None, [list(cfg.rollout.urls)]
         if self.is_rank0:
@@ -134,12 +138,16 @@ class Trainer:
         rows, metrics = self.rollout()
         local = self.local_rows(rows)
         stats = self.advantages(rows, local)
-        old, expert = self.old_logprobs(rows, local)
+        old, baselines = self.old_logprobs(rows, local)
+        algo = self.step_coefficients(metrics)
+        metrics.update({"algo/alpha": algo.alpha, "algo/lam": algo.lam})
         t_train = time.perf_counter()
-        per_mini_batch = [self.update(rows, mb_rows, stats, old, expert) for mb_rows in self.mini_batches(rows, local)]
+        per_mini_batch = [self.update(rows, mb_rows, stats, old, baselines, algo)
+                          for mb_rows in self.mini_batches(rows, local)]
         last_stage = mean_of(per_mini_batch)
         last_stage.update(self.rollout_train_mismatch(rows, local, old))
         metrics.update(from_last_stage(last_stage))
+        self.coefficients.observe(metrics.get("train/entropy"))
         metrics["time/train_s"] = time.perf_counter() - t_train
         t_sync = time.perf_counter()
         self.weight_version += 1
@@ -210,13 +218,33 @@ class Trainer:
         return {i: (float(stats.advantages[k]), bool(stats.passed[k])) for k, i in enumerate(idx)}
 
     def old_logprobs(self, rows: Sequence[Row], local: list[int]):
-        """Old-policy log-probs of the local rows and of the experts of their groups (forward only)."""
+        """Old-policy log-probs of the local rows and the expert baseline of their groups (forward only).
+
+        Returns ({row: logp [R]}, {group id: (b [T], valid [T], gate weight)}), on the last stage.
+        """
         groups = {rows[i].group_id for i in local}
-        experts = {r.group_id: i for i, r in enumerate(rows) if r.is_expert and r.group_id in groups}
-        need = sorted(set(local) | set(experts.values()))
-        logp = self._forward_logprobs(rows, need)
-        expert_logp = {gid: logp[i] for gid, i in experts.items()} if logp else {}
-        return logp, expert_logp
+        experts: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            if r.is_expert and r.group_id in groups:
+                experts.setdefault(r.group_id, []).append(i)
+        logp = self._forward_logprobs(rows, sorted(set(local) | {i for ids in experts.values() for i in ids}))
+        if not logp:  # not the last pipeline stage
+            return logp, {}
+        algo, baselines = self.cfg.algo, {}
+        for gid, ids in experts.items():
+            accs = [rows[i].acc for i in ids]
+            passing = [i for i in ids if rows[i].acc >= 1.0]
+            # With several experts, the ones that fail the verifier leave the baseline when others pass.
+            use = passing if algo.expert_gate != "none" and passing else ids
+            b, valid = aggregate_expert_baselines([logp[i] for i in use], algo.expert_agg)
+            baselines[gid] = (b, valid, expert_gate_weight(accs, algo.expert_gate, algo.expert_gate_weight))
+        return logp, baselines
+
+    def step_coefficients(self, metrics: dict[str, float]):
+        """This step's α and λ from the schedules (the same on every rank: inputs are broadcast)."""
+        algo = self.cfg.algo
+        alpha = self.coefficients.alpha(self.step, metrics.get("reward/pass_rate"))
+        return dataclasses.replace(algo, alpha=alpha, lam=self.coefficients.lam(self.step))
 
     def _forward_logprobs(self, rows: Sequence[Row], indices: list[int]) -> dict[int, torch.Tensor]:
         mbs = [collate(rows, c, self.position_ids, pad_id=self.pad_id)
@@ -237,20 +265,22 @@ class Trainer:
         which = {g: j // per for j, g in enumerate(groups)}
         return [[i for i in local if which[rows[i].group_id] == m] for m in range(k)]
 
-    def update(self, rows, indices, stats, old, expert) -> dict[str, float]:
+    def update(self, rows, indices, stats, old, baselines, algo) -> dict[str, float]:
         """One optimizer step on a mini-batch: fwd/bwd of all its micro-batches, then Adam.
 
         Loss inputs are only needed where the loss is computed (the last pipeline stage).
         """
-        algo = self.cfg.algo
         last = parallel_state.is_pipeline_last_stage()
         token_extras = row_extras = None
         if last:
             def baseline(i: int, valid: bool) -> list[float]:
-                b, n = expert.get(rows[i].group_id), len(rows[i].response_ids)
-                m = 0 if b is None else min(n, b.numel())  # b_t = 0 past the expert's length
-                head = [1.0] * m if valid else b[:m].tolist()
-                return head + [0.0] * (n - m)
+                entry, n = baselines.get(rows[i].group_id), len(rows[i].response_ids)
+                out = torch.zeros(n)  # b_t = 0 past the experts' lengths (valid = 0 there)
+                if entry is not None:
+                    b, ok, _ = entry
+                    m = min(n, b.numel())
+                    out[:m] = (ok[:m].float() if valid else b[:m])
+                return out.tolist()
 
             token_extras = {
                 "old_logp": lambda i: old[i].tolist(),
@@ -261,12 +291,15 @@ class Trainer:
                 "advantages": lambda i: stats[i][0],
                 "passed": lambda i: stats[i][1],
                 "is_expert": lambda i: bool(rows[i].is_expert),
+                "gate": lambda i: (baselines[rows[i].group_id][2] if rows[i].group_id in baselines else 1.0),
             }
         mbs = [collate(rows, c, self.position_ids, token_extras, row_extras, pad_id=self.pad_id)
                for c in chunk_by_length(indices, rows, self.cfg.train.micro_batch_size)]
         metrics: dict[str, float] = {}
         t0 = time.perf_counter()
         if last:
+            metrics["expert/gated_group_frac"] = (sum(b[2] < 1.0 for b in baselines.values())
+                                                  / max(len(baselines), 1))
             norm = compute_loss_normalizer([mb.loss_mask for mb in mbs], algo.agg,
                                            dp_group=parallel_state.get_data_parallel_group())
             outputs = self.policy.run(mbs, rl_loss_fn(algo, norm, self.cfg.rollout.temperature), forward_only=False)
@@ -318,12 +351,14 @@ class Trainer:
     def _save(self) -> None:
         self.ckpt.save(self.step, self.policy, {
             "step": self.step, "weight_version": self.weight_version, "sampler": self.sampler.state_dict(),
+            "coefficients": self.coefficients.state_dict(),
         }, config_yaml=to_yaml(self.cfg))
 
     def _load(self, path: Path) -> None:
         state = self.ckpt.load(path, self.policy)
         self.step, self.weight_version = int(state["step"]), int(state["weight_version"])
         self.sampler.load_state_dict(state["sampler"])
+        self.coefficients.load_state_dict(state.get("coefficients", {}))
 
     def close(self) -> None:
         self.sync.close()

@@ -132,15 +132,18 @@ def rl_loss_fn(cfg: AlgoConfig, normalizer: LossNormalizer, temperature: float =
             entropy_coef=cfg.entropy_coef,
         )
         mask = mb.loss_mask.to(dev)
+        gate = x.get("gate", torch.ones_like(x["advantages"]))  # expert gating weight per row's group
         if cfg.name == "calibrl":
             loss, metrics = fn_loss(
                 logp, x["old_logp"], x["expert_logp"], x["advantages"], x["passed"], mask,
-                alpha=cfg.alpha, lam=cfg.lam,
+                alpha=cfg.alpha, lam=cfg.lam, rarity=x["advantages"].abs() * gate,
                 expert_mask=x["expert_valid"].bool() if cfg.expert_mask else None, **common,
             )
         elif cfg.name in ("luffy", "rlplus"):
             extra = {"gamma": cfg.luffy_gamma} if cfg.name == "luffy" else {"exploration_exponent": cfg.rlplus_exponent}
-            loss, metrics = fn_loss(logp, x["old_logp"], x["advantages"], mask, x["is_expert"], **extra, **common)
+            # A gated expert row keeps only `gate` of its off-policy advantage.
+            adv = x["advantages"] * torch.where(x["is_expert"], gate, torch.ones_like(gate))
+            loss, metrics = fn_loss(logp, x["old_logp"], adv, mask, x["is_expert"], **extra, **common)
         else:
             loss, metrics = fn_loss(logp, x["old_logp"], x["advantages"], mask, **common)
         return loss, {"metrics": metrics}

@@ -70,9 +70,18 @@ class PromptEncoder:
         )
 
     def expert(self, example: Example) -> tuple[str, list[int]]:
-        """The expert response text and its token ids, ending with the end-of-turn token."""
-        text = as_expert_response(example.expert, example.answer)
-        return text, self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos_id]
+        """The (first) expert response text and its token ids, ending with the end-of-turn token."""
+        return self.experts(example, 1)[0]
+
+    def experts(self, example: Example, limit: int) -> list[tuple[str, list[int]]]:
+        """Up to `limit` expert responses (text, token ids + end-of-turn) of an example."""
+        if not example.experts:
+            raise ValueError(f"example {example.uid!r} has no expert solution")
+        out = []
+        for solution in example.experts[:limit]:
+            text = as_expert_response(solution, example.answer)
+            out.append((text, self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos_id]))
+        return out
 
 
 class RolloutStage:
@@ -123,9 +132,11 @@ class RolloutStage:
             rows.append(self._row(ex, inp, first_group_id + s.prompt_index, False, ids, r,
                                   logprobs=logprobs, finish=finish, text=text))
         for k, (ex, inp) in enumerate(zip(examples, inputs)):
-            expert, ids = self.encoder.expert(ex)
-            r = compute_reward(expert, ex.answer, format_weight=self.algo.format_weight)
-            rows.append(self._row(ex, inp, first_group_id + k, True, ids, r, text=expert))
+            for j, (expert, ids) in enumerate(self.encoder.experts(ex, self.algo.num_experts)):
+                r = compute_reward(expert, ex.answer, format_weight=self.algo.format_weight)
+                row = self._row(ex, inp, first_group_id + k, True, ids, r, text=expert)
+                row.extras["expert_index"] = j
+                rows.append(row)
         metrics = {
             "rollout/time_s": rollout_s,
             "rollout/tokens_per_s": gen_tokens / max(rollout_s, 1e-9),
@@ -133,7 +144,8 @@ class RolloutStage:
             "rollout/truncated_frac": sum(s.finish_reason == "length" for s in samples) / max(len(samples), 1),
             "rollout/cut_at_vision_token_frac": n_cut / max(len(samples), 1),
             "rollout/weight_version": float(samples[0].weight_version or 0) if samples else 0.0,
-            "expert/failed_verifier_frac": sum(r.acc < 1 for r in rows if r.is_expert) / max(len(examples), 1),
+            "expert/failed_verifier_frac": (sum(r.acc < 1 for r in rows if r.is_expert)
+                                            / max(sum(r.is_expert for r in rows), 1)),
         }
         return rows, metrics
 
