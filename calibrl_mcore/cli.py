@@ -1,4 +1,4 @@
-"""`calibrl` command line: train | sft | eval | serve | data synth | convert | demo.
+"""`calibrl` command line: train | sft | eval | serve | data synth | convert | sweep | demo.
 
     calibrl train --config configs/tiny_cpu.yaml algo.name=grpo train.steps=5
     torchrun --nproc_per_node 4 -m calibrl_mcore.cli train --config X.yaml parallel.tensor_model_parallel_size=2
@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         from calibrl_mcore.data.synth import main as synth_main
 
         return synth_main(argv[2:])
+    if argv[:1] == ["sweep"]:
+        from calibrl_mcore.sweep import main as sweep_main
+
+        return sweep_main(argv[1:])
     if argv[:1] == ["convert"]:
         from tools.convert_checkpoint import main as convert_main
 
@@ -94,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve", help="rollout server (see `calibrl serve --help`)")
     sub.add_parser("data", help="`calibrl data synth --out DIR --n N`")
     sub.add_parser("convert", help="HF <-> Megatron checkpoint conversion")
+    sub.add_parser("sweep", help="run a grid of training configs (see `calibrl sweep --help`)")
     args = parser.parse_args(argv)
     return args.fn(args)
 
