@@ -137,13 +137,22 @@ class Trainer:
         t0 = time.perf_counter()
         rows, metrics = self.rollout()
         local = self.local_rows(rows)
+        dp = parallel_state.get_data_parallel_world_size()
+        if not all(self.local_rows(rows, r) for r in range(dp)):  # e.g. every group all-equal (DAPO)
+            log.warning("step %d: no trainable rows on some data-parallel rank; skipping the update", self.step)
+            metrics["train/skipped_step"] = 1.0
+            return metrics
         stats = self.advantages(rows, local)
         old, baselines = self.old_logprobs(rows, local)
         algo = self.step_coefficients(metrics)
         metrics.update({"algo/alpha": algo.alpha, "algo/lam": algo.lam})
         t_train = time.perf_counter()
+        # A mini-batch runs only if every DP rank holds rows of it (DDP's all-reduce is collective);
+        # every rank sees all rows, so all ranks take the same decision.
+        runnable = [all(mb) for mb in zip(*(self.mini_batches(rows, self.local_rows(rows, r)) for r in range(dp)))]
         per_mini_batch = [self.update(rows, mb_rows, stats, old, baselines, algo)
-                          for mb_rows in self.mini_batches(rows, local)]
+                          for mb_rows, ok in zip(self.mini_batches(rows, local), runnable) if ok]
+        metrics["train/skipped_mini_batches"] = float(len(runnable) - sum(runnable))
         last_stage = mean_of(per_mini_batch)
         last_stage.update(self.rollout_train_mismatch(rows, local, old))
         metrics.update(from_last_stage(last_stage))
@@ -189,10 +198,24 @@ class Trainer:
             self.sync.push(self.weight_version)  # the restarted server came up with the initial weights
         raise AssertionError("unreachable")
 
-    def local_rows(self, rows: Sequence[Row]) -> list[int]:
-        """This DP rank's share of the trained rows: round-robin over the step's rows (groups straddle)."""
-        dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-        trained = [i for i, r in enumerate(rows) if not r.is_expert or self.cfg.algo.name in TRAINS_EXPERT_ROWS]
+    def local_rows(self, rows: Sequence[Row], dp_rank: int | None = None) -> list[int]:
+        """A DP rank's share of the trained rows: round-robin over the step's rows (groups straddle).
+
+        With dynamic sampling (DAPO), groups whose on-policy rewards all agree carry no signal and are
+        left out (the batch shrinks; refilling it with fresh prompts is not implemented).
+        """
+        dp = parallel_state.get_data_parallel_world_size()
+        rank = parallel_state.get_data_parallel_rank() if dp_rank is None else dp_rank
+        algo = self.cfg.algo
+        flat: set[int] = set()
+        if algo.dynamic_sampling or algo.name == "dapo":
+            rewards: dict[int, set[float]] = {}
+            for r in rows:
+                if not r.is_expert:
+                    rewards.setdefault(r.group_id, set()).add(r.reward)
+            flat = {g for g, v in rewards.items() if len(v) == 1}
+        trained = [i for i, r in enumerate(rows)
+                   if (not r.is_expert or algo.name in TRAINS_EXPERT_ROWS) and r.group_id not in flat]
         return trained[rank::dp]
 
     def advantages(self, rows: Sequence[Row], local: list[int]) -> dict[int, tuple[float, bool]]:
@@ -204,7 +227,9 @@ class Trainer:
         include_expert = self.cfg.algo.name in TRAINS_EXPERT_ROWS
         idx = list(local)
         if not include_expert:
-            idx += [i for i, r in enumerate(rows) if r.is_expert]
+            dp = parallel_state.get_data_parallel_world_size()
+            trained_groups = {rows[i].group_id for r in range(dp) for i in self.local_rows(rows, r)}
+            idx += [i for i, r in enumerate(rows) if r.is_expert and r.group_id in trained_groups]
         sel = [rows[i] for i in idx]
         stats = compute_group_advantages(
             torch.tensor([r.reward for r in sel]),
