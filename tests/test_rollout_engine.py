@@ -123,19 +123,26 @@ def test_seeded_sampling_is_deterministic_whatever_the_batch(engine):
 
 
 def test_n_samples_share_one_prefill(engine, monkeypatch):
-    forward_shapes: list[tuple[int, int]] = []
-    original = engine.model.forward
+    prefill_lengths: list[int] = []
+    decode_rows: list[int] = []
+    prefill, decode = engine._prefill_forward, engine._decode_logits
 
-    def spy(*args, **kwargs):
-        forward_shapes.append(tuple(kwargs["input_ids"].shape))
-        return original(*args, **kwargs)
+    def spy_prefill(prompt, *args, **kwargs):
+        prefill_lengths.append(prompt.length)
+        return prefill(prompt, *args, **kwargs)
 
-    monkeypatch.setattr(engine.model, "forward", spy)
-    samples = engine.generate([GenerateRequest(text=PROMPTS[2], sampling=SamplingParams(max_new_tokens=5, n=8))])[0]
+    def spy_decode(batch, *args, **kwargs):
+        logits = decode(batch, *args, **kwargs)
+        decode_rows.append(logits.shape[0])
+        return logits
+
+    monkeypatch.setattr(engine, "_prefill_forward", spy_prefill)
+    monkeypatch.setattr(engine, "_decode_logits", spy_decode)
+    sampling = SamplingParams(max_new_tokens=5, n=8, ignore_eos=True)  # no sample may leave the batch early
+    samples = engine.generate([GenerateRequest(text=PROMPTS[2], sampling=sampling)])[0]
     prompt_len = samples[0].prompt_tokens
-    prefills = [s for s in forward_shapes if s[1] > 1]
-    assert prefills == [(1, prompt_len)], "the prompt is prefilled once, not once per sample"
-    assert all(s == (8, 1) for s in forward_shapes if s[1] == 1), "the 8 samples decode as one batch"
+    assert prefill_lengths == [prompt_len], "the prompt is prefilled once, not once per sample"
+    assert decode_rows and all(rows == 8 for rows in decode_rows), "the 8 samples decode as one batch"
     assert len(samples) == 8 and all(s.prompt_tokens == prompt_len for s in samples)
 
 

@@ -5,9 +5,10 @@ deprecation and capture wrappers, causal-mask construction. For one new token pe
 needed, and on small models or CPUs it costs more than the arithmetic (about 2 ms per step for the
 tiny test model). This step calls the same submodules (embeddings, norms, projections, rotary, MLP,
 head) in the same order, with the same `apply_rotary_pos_emb` and SDPA, so it computes the same
-function; only the glue is gone. It is used for decode steps only (prefill, with images, stays on the
-HF forward) and only after `matches_hf` has compared it with the HF forward on this very model; any
-architecture it does not recognise keeps the HF path.
+function; only the glue is gone. It runs decode steps and the prefill of text-only prompts (prompts
+with images stay on the HF forward, which merges the vision features), and only after `matches_hf`
+has compared it with the HF forward on this very model; an architecture it does not recognise keeps
+the HF path.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim
 
 
 class LeanDecodeStep:
-    """Decode one token for every row: (input_ids [B, 1], mask [B, T+1], positions, cache) -> logits [B, V]."""
+    """The decoder stack as plain tensor code: (input_ids, mask, positions, cache) -> last logits [B, V]."""
 
     def __init__(self, text_model: Any, lm_head: torch.nn.Module, rotate: Callable[..., Any]) -> None:
         self.text_model, self.lm_head, self.rotate = text_model, lm_head, rotate
@@ -51,36 +52,38 @@ class LeanDecodeStep:
         return None if rotate is None else cls(text_model, lm_head, rotate)
 
     @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
                  cache: Any) -> torch.Tensor:
-        batch = input_ids.shape[0]
-        hidden = self.text_model.embed_tokens(input_ids)  # [B, 1, H]
+        """Logits [B, V] of the last position. Decode: input_ids [B, 1] and attention_mask [B, T+1] over
+        the cached columns. Prefill of unpadded prompts: input_ids [B, L], attention_mask None (causal)."""
+        batch, length = input_ids.shape
+        hidden = self.text_model.embed_tokens(input_ids)  # [B, L, H]
         cos, sin = self.text_model.rotary_emb(hidden, position_ids)  # M-RoPE or 1-D, as the model defines
-        keep = attention_mask[:, None, None, :].bool()  # [B, 1, 1, T+1]; True = attend
+        keep = None if attention_mask is None else attention_mask[:, None, None, :].bool()  # [B, 1, 1, T+1]
         for index, layer in enumerate(self.text_model.layers):
             attention = layer.self_attn
             x = layer.input_layernorm(hidden)
-            q = attention.q_proj(x).view(batch, 1, -1, attention.head_dim)  # [B, 1, Hq, D]
-            k = attention.k_proj(x).view(batch, 1, -1, attention.head_dim)  # [B, 1, Hkv, D]
-            v = attention.v_proj(x).view(batch, 1, -1, attention.head_dim).transpose(1, 2)  # [B, Hkv, 1, D]
+            q = attention.q_proj(x).view(batch, length, -1, attention.head_dim)  # [B, L, Hq, D]
+            k = attention.k_proj(x).view(batch, length, -1, attention.head_dim)  # [B, L, Hkv, D]
+            v = attention.v_proj(x).view(batch, length, -1, attention.head_dim).transpose(1, 2)  # [B, Hkv, L, D]
             if hasattr(attention, "q_norm"):  # Qwen3: per-head RMSNorm before rotary
                 q, k = attention.q_norm(q), attention.k_norm(k)
-            q, k = self.rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [B, H, 1, D]
-            k, v = cache.layers[index].update(k, v)  # [B, Hkv, T+1, D]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=attention.scaling,
-                                                 enable_gqa=q.shape[1] != k.shape[1])  # [B, Hq, 1, D]
-            hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
+            q, k = self.rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [B, H, L, D]
+            k, v = cache.update(k, v, index)  # [B, Hkv, T, D]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=keep is None and length > 1,
+                                                 scale=attention.scaling, enable_gqa=q.shape[1] != k.shape[1])
+            hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(batch, length, -1))  # [B, L, H]
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.lm_head(self.text_model.norm(hidden))[:, -1, :]  # [B, V]
+        return self.lm_head(self.text_model.norm(hidden[:, -1:, :]))[:, -1, :]  # [B, V]
 
 
-def matches_hf(step: LeanDecodeStep, run_hf: Callable[[], torch.Tensor], run_lean: Callable[[], torch.Tensor],
-               dtype: torch.dtype) -> bool:
-    """Compare one decode step both ways on identical inputs; log and refuse the lean step on a mismatch."""
+def matches_hf(run_hf: Callable[[], torch.Tensor], run_lean: Callable[[], torch.Tensor], dtype: torch.dtype,
+               what: str) -> bool:
+    """Compare logits computed both ways on identical inputs; log and refuse the lean step on a mismatch."""
     expected, actual = run_hf().float(), run_lean().float()
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     error = (expected - actual).abs().max().item()
     if not error <= tolerance * max(1.0, expected.abs().max().item()):
-        logger.warning("lean decode step differs from the HF forward by %.3g; using the HF forward", error)
+        logger.warning("lean %s differs from the HF forward by %.3g; using the HF forward", what, error)
         return False
     return True

@@ -267,11 +267,13 @@ class EmbeddedEngine(RolloutEngine):
             self._record_tokens(first_tokens, start_row=start)
         self._compact()
 
-    def _prefill_forward(self, prompt: PromptState) -> tuple[Any, torch.Tensor]:
-        """HF forward of one prompt (batch 1, so its logits equal a plain forward): (cache, logits [1, V])."""
+    def _prefill_forward(self, prompt: PromptState, lean: bool = True) -> tuple[Any, torch.Tensor]:
+        """Forward of one prompt (batch 1, so its logits equal a plain forward): (cache, logits [1, V])."""
         from transformers import DynamicCache
 
         cache = DynamicCache()
+        if lean and self._lean_step is not None and not prompt.model_kwargs:
+            return cache, self._lean_step(prompt.input_ids[None, :], None, prompt.position_ids, cache)
         outputs = self.model(
             input_ids=prompt.input_ids[None, :],  # [1, L]
             attention_mask=torch.ones_like(prompt.input_ids)[None, :],
@@ -298,15 +300,17 @@ class EmbeddedEngine(RolloutEngine):
             return None
         self._lean_step = step
         prompt = self.prompts.build(GenerateRequest(input_ids=list(range(1, 6))))
-        batches = []
+        logits, batches = [], []
         with torch.inference_mode():
-            for _ in range(2):  # two identical 2-row batches, one per path
-                cache, _ = self._prefill_forward(prompt)
+            for lean in (False, True):  # the same prompt through each path: prefill, then one decode step
+                cache, prefill_logits = self._prefill_forward(prompt, lean=lean)
                 batch = DecodeBatch.from_prefills([(cache, prompt, 2)], self._cache_kwarg)
                 batch.set_last_tokens([6, 7], 0)
+                logits.append(prefill_logits)
                 batches.append(batch)
-            ok = matches_hf(step, lambda: self._decode_logits(batches[0], lean=False),
-                            lambda: self._decode_logits(batches[1], lean=True), self.dtype)
+            ok = matches_hf(lambda: logits[0], lambda: logits[1], self.dtype, "prefill") and matches_hf(
+                lambda: self._decode_logits(batches[0], lean=False),
+                lambda: self._decode_logits(batches[1], lean=True), self.dtype, "decode step")
         return step if ok else None
 
     def _prefill(self, pending: _Pending) -> tuple[Any, _Pending, list[_Row], tuple[list[int], list[float]]]:
