@@ -112,6 +112,10 @@ class RolloutEngine(abc.ABC):
     def update_weights_from_disk(self, model_path: str, weight_version: int | None = None) -> int:
         """Load HF weights from `model_path` in place; returns the new weight version."""
 
+    def load_weights_from_disk(self, model_path: str, weight_version: int | None = None) -> int:
+        """Alias of update_weights_from_disk (the name the trainer's design notes use)."""
+        return self.update_weights_from_disk(model_path, weight_version)
+
     @abc.abstractmethod
     def update_weights_from_tensors(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: int | None = None
