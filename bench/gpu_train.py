@@ -67,6 +67,14 @@ def calibrl_step_loss(logp, x):
     return loss
 
 
+def measure(step, steps: int, warmup: int, device) -> tuple[list[float], float | None]:
+    """Per-step seconds after warm-up, and peak device memory (GiB) while stepping."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = time_steps(step, steps, warmup, device)
+    return times, (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
+
+
 def time_steps(fn, steps: int, warmup: int, device) -> list[float]:
     out = []
     for i in range(warmup + steps):
@@ -98,12 +106,7 @@ def bench_megatron(cfg, tokens, x, dtype, steps, warmup, device, recompute: bool
         calibrl_step_loss(logp, x).backward()
         model.zero_grad(set_to_none=True)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = time_steps(step, steps, warmup, device)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    del model
-    return times, peak
+    return measure(step, steps, warmup, device)
 
 
 def bench_transformers(cfg, tokens, x, dtype, steps, warmup, device):
@@ -125,12 +128,7 @@ def bench_transformers(cfg, tokens, x, dtype, steps, warmup, device):
         calibrl_step_loss(logp, x).backward()
         model.zero_grad(set_to_none=True)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = time_steps(step, steps, warmup, device)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    del model
-    return times, peak
+    return measure(step, steps, warmup, device)
 
 
 def main() -> None:

@@ -1,0 +1,38 @@
+"""The benchmarks run end to end at tiny sizes on CPU (so CI keeps them working); numbers are not checked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, *args: str, out: Path) -> dict:
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args, "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_losses_bench(tmp_path):
+    r = run_bench("losses.py", "--batch", "32", "--seq", "64", "--repeats", "1", out=tmp_path / "l.json")
+    assert r["speedup_vs_per_sample_reference"] > 0 and r["calibrl_over_grpo"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_train_bench_runs_on_cpu(tmp_path):
+    r = run_bench("gpu_train.py", "--shape", "tiny", "--seq", "32", "--steps", "1", "--warmup", "0",
+                  out=tmp_path / "g.json")
+    assert set(r["stacks"]) == {"megatron_calibrl", "transformers_sdpa"}
+
+
+@pytest.mark.slow
+def test_trainer_bench_runs_on_cpu(tmp_path):
+    r = run_bench("trainer.py", "--layers", "1", "--hidden", "64", "--rows", "8", "--repeats", "1",
+                  out=tmp_path / "t.json")
+    assert r["ours_over_bare"] > 0
