@@ -232,6 +232,8 @@ def main() -> None:
             "model": "tiny random Qwen2.5-VL (tools/make_tiny_model.py)" if args.model is None else str(args.model),
             "device": args.device, "quick": args.quick, "torch_threads": torch.get_num_threads(),
             "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            # Other jobs on a shared machine skew absolute numbers (ratios are measured back to back).
+            "load_average_at_start": os.getloadavg()[0],
         }
         if args.device.startswith("cuda"):
             report["gpu"] = torch.cuda.get_device_name(args.device)
@@ -240,6 +242,7 @@ def main() -> None:
         report["throughput"] = throughput(model_dir, args.device, args.quick)
         if not args.skip_load:
             report["load"] = load_test(model_dir, *((8, 5.0) if args.quick else (32, 30.0)))
+        report["load_average_at_end"] = os.getloadavg()[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
