@@ -4,8 +4,9 @@ One scheduler thread owns the model. Between decode steps it admits queued reque
 prefilled once (batch 1, so its logits equal a plain forward pass) and its KV cache is copied into `n`
 rows of the running batch, where the n samples then decode together with every other running row
 (continuous batching). Rows of different lengths share one left-padded KV slab; each row carries its
-own position ids, so padding never shifts a row's rotary positions. Finished rows leave the batch at
-once; a request completes when its last sample does.
+own position ids, so padding never shifts a row's rotary positions. A finished sample completes at
+once; its row leaves the slab at the next compaction (see `_compact`). Decode steps, and the prefill
+of text-only prompts, run through `LeanDecodeStep` when the model's decoder is a supported one.
 
 Weight updates and generation serialize on one lock, so an update lands between two decode steps.
 Samples still in flight keep their KV cache from the old weights (as in SGLang without a pause); each
