@@ -195,18 +195,24 @@ def load_test(model_dir: Path, clients: int, seconds: float) -> dict[str, Any]:
                         statuses[code] = statuses.get(code, 0) + 1
                     k += 1
 
+        import psutil
+
+        server_process = psutil.Process(proc.pid)
+        rss_before = server_process.memory_info().rss / 2**20
         threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(seconds + 300)
+        rss_after = server_process.memory_info().rss / 2**20
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     latencies.sort()
     pct = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
     result = {"clients": clients, "seconds": seconds, "requests": len(latencies), "statuses": statuses,
-              "p50_s": pct(0.50), "p99_s": pct(0.99), "requests_per_s": len(latencies) / seconds}
+              "p50_s": pct(0.50), "p99_s": pct(0.99), "requests_per_s": len(latencies) / seconds,
+              "server_rss_mb_before": rss_before, "server_rss_mb_after": rss_after}
     print(f"load: {clients} clients x {seconds:.0f} s: {len(latencies)} requests, p50 {result['p50_s']:.3f} s, "
           f"p99 {result['p99_s']:.3f} s, statuses {statuses}", flush=True)
     return result
