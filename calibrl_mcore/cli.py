@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def _config(args: argparse.Namespace):
@@ -43,10 +44,34 @@ def cmd_sft(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
+    if args.suite:
+        return _cmd_eval_suite(args)
     from calibrl_mcore.trainer.evaluate import evaluate_checkpoint
 
-    result = evaluate_checkpoint(_config(args), model_path=args.model)
+    result = evaluate_checkpoint(_config(args), model_path=args.model, limit=args.limit)
     print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+def _cmd_eval_suite(args: argparse.Namespace) -> int:
+    """`calibrl eval --suite A,B`: benchmark files from `--bench NAME=PATH` or `--suite-dir DIR/<name>`;
+    greedy decoding with the config's rollout section (urls, api_key, timeout_s, max_new_tokens)."""
+    from calibrl_mcore.evals.harness import benchmark_paths, run_suite
+
+    cfg = _config(args)
+    suite = [name.strip() for name in args.suite.split(",") if name.strip()]
+    explicit = {}
+    for pair in args.bench:
+        name, sep, path = pair.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise SystemExit(f"--bench expects NAME=PATH, got {pair!r}")
+        explicit[name.strip()] = path.strip()
+    paths = benchmark_paths(suite, suite_dir=args.suite_dir, explicit=explicit)
+    reports = run_suite(suite, paths, args.model or cfg.model.hf_path, urls=list(cfg.rollout.urls) or None,
+                        limit=args.limit, out_dir=args.out, max_new_tokens=cfg.rollout.max_new_tokens,
+                        api_key=cfg.rollout.api_key, timeout_s=cfg.rollout.timeout_s)
+    print(f"evaluated {', '.join(reports)}; summary in {args.out}/summary.md")
+    print((Path(args.out) / "summary.md").read_text())
     return 0
 
 
@@ -87,8 +112,16 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_)
         _add_config_args(p)
         p.set_defaults(fn=fn)
-    p = sub.add_parser("eval", help="greedy accuracy (acc × fmt) on data.eval_path")
+    p = sub.add_parser("eval", help="greedy accuracy (acc × fmt) on data.eval_path, or on benchmarks (--suite)")
     p.add_argument("--model", default=None, help="HF checkpoint to evaluate (default: model.hf_path)")
+    p.add_argument("--suite", default=None, metavar="NAME[,NAME...]",
+                   help="benchmarks to run (mathvista, mathverse, mathvision, wemath, logicvista, geometry3k, "
+                        "math500, amc); max_new_tokens comes from rollout.max_new_tokens")
+    p.add_argument("--suite-dir", default=None, metavar="DIR", help="one folder per benchmark, named after it")
+    p.add_argument("--bench", action="append", default=[], metavar="NAME=PATH",
+                   help="data file or folder of one benchmark (repeatable; wins over --suite-dir)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="first N items of each benchmark / eval set")
+    p.add_argument("--out", default="runs/eval", metavar="DIR", help="output folder of --suite runs")
     _add_config_args(p)
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("demo", help="the CPU demo: synthetic data, tiny VL model, SFT, CalibRL vs GRPO")
