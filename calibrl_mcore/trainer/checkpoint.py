@@ -94,7 +94,10 @@ class CheckpointManager:
             pointer_tmp = self.root / "latest.tmp"
             pointer_tmp.write_text(final.name + "\n")
             os.replace(pointer_tmp, self.root / "latest")
-            for old in self.complete()[: -self.keep_last]:
+            # Never the one just written: a run restarted without resume into a run_dir holding later
+            # steps would otherwise prune it by name order at once and leave `latest` dangling.
+            others = [p for p in self.complete() if p != final]
+            for old in others[: max(0, len(others) - (self.keep_last - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
         return final

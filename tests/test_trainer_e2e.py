@@ -1,0 +1,475 @@
+"""End-to-end trainer tests: the real `calibrl train` CLI (plain python or torchrun + gloo) on a tiny
+SFT'd Qwen2.5-VL-architecture model, with its colocated rollout server as a child process.
+
+    1. one process, 2 steps: metrics.jsonl and a `latest` checkpoint
+    2. DP=2 / TP=2 / PP=2 first-step loss == DP=1's (identical rollouts: the server's seed is per step)
+    3. two "nodes" on localhost through tools/launch/multinode.sh (DP=2)
+    4. kill -9 mid-run, rerun: resumes from `latest` and replays the uninterrupted losses; half-written
+       checkpoint directories are never loaded
+    5. bad input: corrupt rows skipped and counted, all-invalid file -> non-zero exit naming it, NaN
+       reward -> ValueError naming the sample, a killed rollout server is restarted and the step retried
+
+One module-scoped SFT (100 steps) feeds every run, so rewards (and with them the losses) are not all zero.
+Every process a test starts runs in its own session and is killed with all its descendants (the
+rollout server is in a session of its own); an autouse fixture fails a test that leaves any behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+import pytest
+
+from tests.torchrun_utils import REPO, free_port
+
+CONFIG = REPO / "configs" / "tiny_cpu.yaml"
+MULTINODE = REPO / "tools" / "launch" / "multinode.sh"
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+              "TORCHELASTIC_RUN_ID")
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    env.update({
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": f"{REPO}:{env.get('PYTHONPATH', '')}",
+    })
+    env.update(extra)
+    return env
+
+
+class _Proc:
+    """A command in its own session, output to a log file; `kill()` SIGKILLs it and all its descendants."""
+
+    def __init__(self, cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.cmd, self.log_path = cmd, Path(log_path)
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in kill())
+        self.popen = subprocess.Popen(cmd, cwd=REPO, env=env or _env(), stdout=self._log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.popen.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def kill(self) -> None:
+        """SIGKILL the session's process group and every descendant (found before anything dies, since a
+        child in its own session, like the rollout server, is reparented once its parent is gone)."""
+        procs = self.descendants()
+        groups = {self.popen.pid}
+        for p in procs:
+            try:
+                groups.add(os.getpgid(p.pid))
+            except ProcessLookupError:
+                pass
+        for g in groups:
+            try:
+                os.killpg(g, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.popen.wait(timeout=30)
+        psutil.wait_procs(procs, timeout=30)
+        self._log.close()
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"timed out after {timeout:.0f}s: {' '.join(self.cmd)}\n{self.tail()}") from None
+
+    def tail(self, n: int = 8000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:]
+
+    def __enter__(self) -> _Proc:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+def _strays(marker: str) -> list[psutil.Process]:
+    """Live processes whose command line mentions `marker` (the module's temp dir): trainers, servers."""
+    me = os.getpid()
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            if p.pid != me and p.info["status"] != psutil.STATUS_ZOMBIE and marker in " ".join(p.info["cmdline"] or []):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
+def _args(tiny: SimpleNamespace, run_dir: Path, *extra: str, data: Path | None = None) -> list[str]:
+    return [
+        "--config", str(CONFIG),
+        f"model.hf_path={tiny.model}", f"data.train_path={data or tiny.data}", f"train.run_dir={run_dir}",
+        "train.progress=false", "train.tensorboard=false", "rollout.max_new_tokens=16", *extra,
+    ]
+
+
+def _train_cmd(nproc: int, args: list[str]) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "calibrl_mcore.cli", "train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "calibrl_mcore.cli", "train", *args]
+
+
+def _run(cmd: list[str], log_path: Path, timeout: float = 600) -> tuple[int, str]:
+    with _Proc(cmd, log_path) as proc:
+        rc = proc.wait(timeout)
+        return rc, proc.tail()
+
+
+def _train(tiny: SimpleNamespace, name: str, nproc: int, *extra: str, timeout: float = 600) -> Path:
+    run_dir = tiny.root / name
+    cmd = _train_cmd(nproc, _args(tiny, run_dir, *extra))
+    rc, out = _run(cmd, tiny.root / f"{name}.log", timeout)
+    assert rc == 0, f"{name}: rc={rc}\n{out}"
+    return run_dir
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+def _wait_for(pred, proc: _Proc, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if proc.popen.poll() is not None:
+            raise AssertionError(f"exited (rc={proc.popen.returncode}) before {what}\n{proc.tail()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} after {timeout:.0f}s\n{proc.tail()}")
+        time.sleep(0.05)
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> SimpleNamespace:
+    """Tiny Qwen2.5-VL + synthetic data, SFT'd for 100 steps (an HF checkpoint with non-zero rewards)."""
+    from calibrl_mcore.data.synth import main as synth_main
+    from tools.make_tiny_model import make_tiny_model
+
+    root = tmp_path_factory.mktemp("e2e")
+    make_tiny_model("qwen2_5_vl", str(root / "tiny"), seed=0)
+    assert synth_main(["--out", str(root / "synth"), "--n", "64", "--heldout", "16"]) == 0
+    cmd = [sys.executable, "-m", "calibrl_mcore.cli", "sft", "--config", str(CONFIG),
+           f"model.hf_path={root / 'tiny'}", f"data.train_path={root / 'synth' / 'train.jsonl'}",
+           f"train.run_dir={root / 'sft'}", "sft.steps=100", "train.progress=false", "train.tensorboard=false"]
+    rc, out = _run(cmd, root / "sft.log", timeout=600)
+    assert rc == 0, out
+    model = root / "sft" / "sft_hf"
+    assert (model / "config.json").is_file(), out
+    return SimpleNamespace(root=root, model=model, data=root / "synth" / "train.jsonl")
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_processes(request):
+    """After each test: nothing started by it (trainer, torchrun worker, rollout server) is still alive."""
+    yield
+    if "tiny" not in request.fixturenames:
+        return
+    marker = str(request.getfixturevalue("tiny").root)
+    deadline = time.monotonic() + 15
+    while (left := _strays(marker)) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    for p in left:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    assert not left, "stray processes: " + "; ".join(f"{p.pid} {' '.join(p.info['cmdline'])[:200]}" for p in left)
+
+
+@pytest.fixture(scope="module")
+def dp1_run(tiny) -> Path:
+    """The reference: one process, 2 steps (test 1; first step for the layouts; step 2 for the restart)."""
+    return _train(tiny, "dp1", 1, "train.steps=2")
+
+
+# ------------------------------------------------------------------------------------------ 1. one process
+
+
+@pytest.mark.distributed
+def test_single_process_two_steps(dp1_run):
+    rows = _metrics(dp1_run)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert math.isfinite(r["train/loss"]) and math.isfinite(r["grad_norm"]), r
+        assert "reward/mean" in r and "train/pg_loss" in r and "train/cal_loss" in r
+    assert rows[0]["data/skipped_rows"] == 0 and "data/skipped_rows" not in rows[1]
+    ckpts = dp1_run / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_00000002"
+    assert (ckpts / "step_00000002" / "COMPLETE").is_file()
+    print(f"\n[dp1] losses {[r['train/loss'] for r in rows]} rewards {[r['reward/mean'] for r in rows]}")
+
+
+# ------------------------------------------------------------------------------------------ 2. layouts
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    ("layout", "overrides", "tol"),
+    [
+        ("dp2", [], 1e-5),
+        ("tp2", ["parallel.tensor_model_parallel_size=2"], 1e-4),
+        ("pp2", ["parallel.pipeline_model_parallel_size=2"], 1e-4),
+    ],
+)
+def test_first_step_loss_matches_dp1(tiny, dp1_run, layout, overrides, tol):
+    ref = _metrics(dp1_run)[0]
+    assert abs(ref["train/loss"]) > 1e-6, f"reference loss {ref['train/loss']} is ~0: no signal to compare"
+    run = _train(tiny, layout, 2, "train.steps=1", *overrides)
+    got = _metrics(run)
+    assert len(got) == 1
+    got = got[0]
+    assert got["reward/mean"] == ref["reward/mean"], "rollouts differ: the comparison is not like for like"
+    rel = {k: _rel(got[k], ref[k]) for k in ("train/loss", "train/cal_loss", "grad_norm")}
+    print(f"\n[{layout}] loss {got['train/loss']!r} vs dp1 {ref['train/loss']!r}; rel {rel}")
+    assert rel["train/loss"] <= tol and rel["train/cal_loss"] <= tol, rel
+    assert rel["grad_norm"] <= 1e-4, rel
+    assert (run / "checkpoints" / "step_00000001" / "rank1.pt").is_file()  # really two ranks
+
+
+# ------------------------------------------------------------------------------------------ 3. two nodes
+
+
+@pytest.mark.distributed
+def test_two_nodes_on_localhost(tiny, dp1_run):
+    run_dir = tiny.root / "multinode"
+    port = free_port()
+    procs = []
+    try:
+        for node in (0, 1):
+            env = _env(NNODES="2", NODE_RANK=str(node), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                       NPROC_PER_NODE="1", RUN_ID=f"e2e-{port}", PYTHON=sys.executable)
+            procs.append(_Proc(["bash", str(MULTINODE), *_args(tiny, run_dir, "train.steps=1")],
+                               tiny.root / f"multinode{node}.log", env=env))
+        rcs = [p.wait(600) for p in procs]
+        assert rcs == [0, 0], "\n".join(f"--- node {i} rc={rc}\n{p.tail()}" for i, (p, rc) in enumerate(zip(procs, rcs)))
+    finally:
+        for p in procs:
+            p.kill()
+    rows = _metrics(run_dir)
+    assert len(rows) == 1 and math.isfinite(rows[0]["train/loss"])
+    ckpt = run_dir / "checkpoints" / "step_00000001"
+    assert (ckpt / "rank0.pt").is_file() and (ckpt / "rank1.pt").is_file()  # world size 2
+    ref = _metrics(dp1_run)[0]
+    rel = _rel(rows[0]["train/loss"], ref["train/loss"])
+    print(f"\n[2 nodes] loss {rows[0]['train/loss']!r} vs dp1 {ref['train/loss']!r}; rel {rel:.2e}")
+    assert rel <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------ 4. kill -9, resume
+
+
+def test_latest_ignores_incomplete_checkpoints(tmp_path):
+    from calibrl_mcore.trainer.checkpoint import CheckpointManager
+
+    root = tmp_path / "checkpoints"
+    mgr = CheckpointManager(root)
+    assert mgr.latest() is None  # nothing at all
+    (root / "step_00000001" / "megatron").mkdir(parents=True)
+    (root / "step_00000001" / "COMPLETE").write_text("step 1\n")
+    # killed mid-write: the temp dir (even with its marker, i.e. killed just before the rename) and a
+    # step dir without COMPLETE
+    (root / ".tmp-step_00000003" / "megatron").mkdir(parents=True)
+    (root / ".tmp-step_00000003" / "COMPLETE").write_text("step 3\n")
+    (root / "step_00000002" / "megatron").mkdir(parents=True)
+    (root / "step_00000002" / "megatron" / "__0_0.distcp").write_bytes(b"partial")
+    assert mgr.latest() is None  # no pointer yet: never guess from directory names
+    (root / "latest").write_text("step_00000001\n")
+    assert mgr.latest() == root / "step_00000001"
+    assert mgr.complete() == [root / "step_00000001"]
+    (root / "latest").write_text("step_00000002\n")  # a pointer to an incomplete dir is ignored
+    assert mgr.latest() is None
+    (root / "latest").write_text("step_00000009\n")  # ... and so is one to a missing dir
+    assert mgr.latest() is None
+
+
+def test_save_keeps_the_checkpoint_it_just_wrote(tmp_path, monkeypatch):
+    """Rerunning into a run_dir that holds later steps (checkpoint.resume=false): the new save must survive
+    the keep_last pruning, or `latest` names a deleted directory. Also: stale `.tmp-*` dirs are removed."""
+    from calibrl_mcore.trainer import checkpoint
+
+    monkeypatch.setattr(checkpoint, "dist", SimpleNamespace(get_rank=lambda: 0, barrier=lambda: None))
+    monkeypatch.setattr(checkpoint, "dist_checkpointing", SimpleNamespace(save=lambda sharded, path: None))
+    policy = SimpleNamespace(model=SimpleNamespace(module=SimpleNamespace(sharded_state_dict=dict)),
+                             optimizer=SimpleNamespace(sharded_state_dict=lambda model_sd: {}),
+                             scheduler=SimpleNamespace(state_dict=dict))
+    mgr = checkpoint.CheckpointManager(tmp_path / "checkpoints", keep_last=2)
+    for step in (9, 10):
+        mgr.save(step, policy, {"step": step})
+    (tmp_path / "checkpoints" / ".tmp-step_00000011" / "megatron").mkdir(parents=True)
+    assert mgr.latest() == tmp_path / "checkpoints" / "step_00000010"
+    mgr.save(1, policy, {"step": 1})  # a fresh run in the same run_dir
+    assert mgr.latest() == tmp_path / "checkpoints" / "step_00000001"
+    assert len(mgr.complete()) == 2
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.distributed
+def test_kill9_resume_replays_uninterrupted_losses(tiny):
+    extra = ("train.steps=3", "checkpoint.save_every=1")
+    ref = {int(r["step"]): r for r in _metrics(_train(tiny, "resume_ref", 1, *extra))}
+    assert sorted(ref) == [1, 2, 3]
+
+    run_dir = tiny.root / "resume"
+    cmd = _train_cmd(1, _args(tiny, run_dir, *extra))
+    pointer = run_dir / "checkpoints" / "latest"
+    with _Proc(cmd, tiny.root / "resume_killed.log") as proc:
+        # step 1 is logged, then checkpointed; once `latest` names it, step 2 is running
+        _wait_for(lambda: pointer.is_file() and pointer.read_text().strip() == "step_00000001", proc, 480,
+                  "checkpoint of step 1")
+        server = [p for p in proc.descendants() if "rollout.server" in " ".join(p.cmdline())]
+        assert len(server) == 1, [p.cmdline() for p in proc.descendants()]
+        proc.kill()
+        assert proc.popen.returncode == -signal.SIGKILL
+        assert not server[0].is_running() or server[0].status() == psutil.STATUS_ZOMBIE
+    killed = _metrics(run_dir)
+    resume_from = int(pointer.read_text().strip().removeprefix("step_"))
+    assert resume_from in (1, 2), resume_from
+    # leftovers of a save killed mid-write: never loaded, cleaned up by the next save
+    (run_dir / "checkpoints" / ".tmp-step_00000007" / "megatron").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_00000008" / "megatron").mkdir(parents=True)
+
+    rc, out = _run(cmd, tiny.root / "resume_resumed.log")
+    assert rc == 0, out
+    rows = _metrics(run_dir)
+    resumed = rows[len(killed):]
+    assert [int(r["step"]) for r in resumed] == list(range(resume_from + 1, 4)), (killed, resumed)
+    assert "data/skipped_rows" in resumed[0]  # first line of a new process
+    report = []
+    for r in resumed:
+        want = ref[int(r["step"])]
+        assert r["reward/mean"] == want["reward/mean"], "the resumed run's rollouts differ"
+        rel = _rel(r["train/loss"], want["train/loss"])
+        report.append((int(r["step"]), r["train/loss"], want["train/loss"], rel, r["grad_norm"] == want["grad_norm"]))
+        assert rel <= 1e-6, report
+    print(f"\n[resume] killed after {len(killed)} logged step(s), resumed from step {resume_from}; "
+          f"(step, resumed loss, uninterrupted loss, rel, grad_norm bit-equal): {report}")
+    ckpts = run_dir / "checkpoints"
+    assert pointer.read_text().strip() == "step_00000003"
+    assert not list(ckpts.glob(".tmp-*"))
+
+
+# ------------------------------------------------------------------------------------------ 5. bad input
+
+
+def _corrupt_rows(data: Path) -> list[str]:
+    """A bad JSON line, a row without an answer, a row whose image does not decode."""
+    good = json.loads(data.read_text().splitlines()[0])
+    (data.parent / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
+    no_answer = {k: v for k, v in good.items() if k != "answer"} | {"uid": "no-answer"}
+    bad_image = good | {"uid": "bad-image", "images": ["images/corrupt.png"]}
+    return ['{"uid": "broken", "question": ', json.dumps(no_answer), json.dumps(bad_image)]
+
+
+@pytest.mark.distributed
+def test_corrupt_rows_are_skipped_and_counted(tiny):
+    lines = tiny.data.read_text().splitlines()
+    bad = _corrupt_rows(tiny.data)
+    data = tiny.data.with_name("train_with_corrupt_rows.jsonl")  # next to images/: relative paths resolve
+    data.write_text("\n".join(lines[:10] + bad[:1] + lines[10:20] + bad[1:] + lines[20:]) + "\n")
+    run_dir = tiny.root / "corrupt"
+    rc, out = _run(_train_cmd(1, _args(tiny, run_dir, "train.steps=1", data=data)), tiny.root / "corrupt.log")
+    assert rc == 0, out
+    rows = _metrics(run_dir)
+    assert len(rows) == 1 and math.isfinite(rows[0]["train/loss"])
+    assert rows[0]["data/skipped_rows"] == 3
+    assert "skipped 3 of 67 rows as corrupt" in out, out
+
+
+@pytest.mark.distributed
+def test_all_invalid_data_file_fails_naming_it(tiny):
+    data = tiny.data.with_name("all_invalid.jsonl")
+    data.write_text("\n".join(_corrupt_rows(tiny.data)) + "\n")
+    rc, out = _run(_train_cmd(1, _args(tiny, tiny.root / "invalid", "train.steps=1", data=data)),
+                   tiny.root / "invalid.log", timeout=180)
+    assert rc != 0
+    assert f"no usable example in data file {data}" in out, out
+
+
+def test_nan_reward_names_the_sample(tiny, monkeypatch):
+    from calibrl_mcore.config import load_config
+    from calibrl_mcore.data.dataset import PromptDataset
+    from calibrl_mcore.rewards.registry import RewardResult
+    from calibrl_mcore.trainer import rollout_stage
+    from rollout.client import Sample
+
+    class FakeClient:
+        nan_at = None  # (prompt index, sample index) whose reward comes out NaN
+
+        def generate(self, prompts, params):
+            return [Sample(prompt_index=i, sample_index=j, output_ids=[11, 12, 13], logprobs=[-0.5] * 3,
+                           text="NAN" if (i, j) == self.nan_at else "<think>x</think><answer>1</answer>",
+                           finish_reason="stop", weight_version=0, prompt_tokens=0)
+                    for i in range(len(prompts)) for j in range(params["n"])]
+
+    real = rollout_stage.compute_reward
+    monkeypatch.setattr(rollout_stage, "compute_reward", lambda text, gold, **kw: (
+        RewardResult(reward=float("nan"), acc=0.0, fmt=0.0, extracted=None) if text == "NAN" else real(text, gold, **kw)))
+    cfg = load_config(CONFIG)
+    client = FakeClient()
+    stage = rollout_stage.RolloutStage(cfg.rollout, cfg.algo, str(tiny.model), client)
+    examples = list(PromptDataset.from_path(tiny.data)[:3])
+    rows, _ = stage.collect(0, examples, first_group_id=0)  # finite rewards: fine
+    assert len(rows) == 3 * cfg.rollout.n_samples + 3
+    client.nan_at = (1, 1)
+    with pytest.raises(ValueError, match=rf"non-finite reward nan .*{examples[1].uid}.*group 1"):
+        stage.collect(0, examples, first_group_id=0)
+
+
+@pytest.mark.distributed
+def test_killed_rollout_server_is_restarted_and_step_retried(tiny, dp1_run):
+    run_dir = tiny.root / "restart"
+    with _Proc(_train_cmd(1, _args(tiny, run_dir, "train.steps=2")), tiny.root / "restart.log") as proc:
+        # step 1 logged (after its weight sync): the server's next request is step 2's /generate
+        _wait_for(lambda: len(_metrics(run_dir)) >= 1, proc, 480, "step 1")
+        server = [p for p in proc.descendants() if "rollout.server" in " ".join(p.cmdline())]
+        assert len(server) == 1
+        os.killpg(server[0].pid, signal.SIGKILL)  # the server leads its own session
+        rc = proc.wait(600)
+        out = proc.tail(200_000)
+    assert rc == 0, out
+    rows = _metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["rollout/server_restarts"] == 0 and rows[1]["rollout/server_restarts"] >= 1
+    assert "restarting the rollout server and retrying the step" in out
+    # the retried step is the step the uninterrupted run took (same prompts, seed and weights)
+    ref = _metrics(dp1_run)[1]
+    rel = _rel(rows[1]["train/loss"], ref["train/loss"])
+    print(f"\n[restart] restarts={rows[1]['rollout/server_restarts']:.0f}; step-2 loss {rows[1]['train/loss']!r} "
+          f"vs uninterrupted {ref['train/loss']!r} (rel {rel:.2e})")
+    assert rows[1]["reward/mean"] == ref["reward/mean"] and rel <= 1e-6
