@@ -433,7 +433,7 @@ def get_mapping(arch: str, hf_config, backend: Backend = "local") -> ArchMapping
     return _MAPPINGS[arch](hf_config, backend)
 
 
-# ---- Qwen2.5-VL --------------------------------------------------------------------------------------------
+# ---- rule builders (shared by the architectures) -----------------------------------------------------------
 
 
 def _layer_rules(
@@ -478,22 +478,42 @@ def _layer_rules(
     ]
 
 
-@register_mapping("qwen2_5_vl")
-def _qwen2_5_vl_mapping(hf_config, backend: Backend = "local") -> ArchMapping:
-    text, vision = hf_config.text_config, hf_config.vision_config
+def qwen2_text_rules(hf_config, backend: Backend) -> list[Rule]:
+    """The Qwen2 decoder of a vision-language model (`language_model` <-> `model.language_model`):
+    word embedding (first stage), final norm and output layer (last stage; a copy of the embedding when
+    tied) and the decoder layers."""
+    text = hf_config.text_config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     vocab = text.vocab_size
-    lm, vm = "language_model", "vision_model"
-    hl, hv = "model.language_model", "model.visual"
-    tied = bool(hf_config.tie_word_embeddings)
+    lm, hl = "language_model", "model.language_model"
     embed = f"{hl}.embed_tokens.weight"
-
     rules = [
         Rule(f"{lm}.embedding.word_embeddings.weight", (embed,), "first", 0, hf_size=vocab),
         Rule(f"{lm}.decoder.final_layernorm.weight", (f"{hl}.norm.weight",), "last"),
         Rule(f"{lm}.output_layer.weight", (embed,), "last_not_first", 0, hf_size=vocab, export=False)
-        if tied
+        if hf_config.tie_word_embeddings
         else Rule(f"{lm}.output_layer.weight", ("lm_head.weight",), "last", 0, hf_size=vocab),
+    ]
+    return rules + _layer_rules(
+        f"{lm}.decoder.layers.{{layer}}", f"{hl}.layers.{{layer}}", "decoder", backend,
+        qkv=QKVFusion(text.num_attention_heads, text.num_key_value_heads, head_dim), bias=False, mlp_size=None,
+        hf=dict(attn_norm="input_layernorm", qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                proj="self_attn.o_proj", mlp_norm="post_attention_layernorm", gate="mlp.gate_proj",
+                up="mlp.up_proj", down="mlp.down_proj"),
+    )  # fmt: skip
+
+
+# ---- Qwen2.5-VL --------------------------------------------------------------------------------------------
+
+
+@register_mapping("qwen2_5_vl")
+def _qwen2_5_vl_mapping(hf_config, backend: Backend = "local") -> ArchMapping:
+    vision = hf_config.vision_config
+    vm, hv = "vision_model", "model.visual"
+    tied = bool(hf_config.tie_word_embeddings)
+
+    rules = qwen2_text_rules(hf_config, backend)
+    rules += [
         Rule(f"{vm}.patch_embed.weight", (f"{hv}.patch_embed.proj.weight",), "first"),
         Rule(f"{vm}.merger.ln_q.weight", (f"{hv}.merger.ln_q.weight",), "first"),
         Rule(f"{vm}.merger.mlp.linear_fc1.weight", (f"{hv}.merger.mlp.0.weight",), "first", 0),
@@ -501,13 +521,6 @@ def _qwen2_5_vl_mapping(hf_config, backend: Backend = "local") -> ArchMapping:
         Rule(f"{vm}.merger.mlp.linear_fc2.weight", (f"{hv}.merger.mlp.2.weight",), "first", 1),
         Rule(f"{vm}.merger.mlp.linear_fc2.bias", (f"{hv}.merger.mlp.2.bias",), "first"),
     ]
-    rules += _layer_rules(
-        f"{lm}.decoder.layers.{{layer}}", f"{hl}.layers.{{layer}}", "decoder", backend,
-        qkv=QKVFusion(text.num_attention_heads, text.num_key_value_heads, head_dim), bias=False, mlp_size=None,
-        hf=dict(attn_norm="input_layernorm", qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                proj="self_attn.o_proj", mlp_norm="post_attention_layernorm", gate="mlp.gate_proj",
-                up="mlp.up_proj", down="mlp.down_proj"),
-    )  # fmt: skip
     rules += _layer_rules(
         f"{vm}.decoder.layers.{{layer}}", f"{hv}.blocks.{{layer}}", "first", backend,
         qkv=QKVFusion(vision.num_heads, vision.num_heads, vision.hidden_size // vision.num_heads),

@@ -28,201 +28,61 @@ module (as `registry.build_model` does) makes `hf_mapping.get_mapping("internvl"
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from megatron.core import parallel_state, tensor_parallel
-from megatron.core.enums import ModelType
-from megatron.core.models.gpt import GPTModel
-from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
-from .hf_mapping import IDENTITY, ArchMapping, QKVFusion, Rule, _layer_rules, register_mapping, tp_padded
-from .internvl_vision import InternVisionModel, InternVLProjector, image_features, vision_configs
-from .specs import Backend, SpecChoice, backend_config_kwargs, block_spec, resolve_backend
+from .hf_mapping import IDENTITY, ArchMapping, QKVFusion, Rule, qwen2_text_rules, register_mapping
+from .internvl_vision import InternVisionModel, InternVLProjector, vision_configs
+from .internvl_vision import image_features as tile_features
+from .specs import Backend
+from .vlm_base import VisionLanguageModel, build_stage, qwen2_language_config
 
 
-def language_config(
-    hf_text,
-    *,
-    tp_size: int,
-    pp_size: int,
-    params_dtype: torch.dtype,
-    backend: Backend,
-    sequence_parallel: bool = False,
-) -> TransformerConfig:
-    """The decoder's TransformerConfig from HF's `Qwen2Config` (InternVL3's language model)."""
+def language_config(hf_text, **options) -> TransformerConfig:
+    """The decoder's TransformerConfig from HF's `Qwen2Config` (InternVL3's language model; plain RoPE).
+
+    options (keyword-only): tp_size, pp_size, params_dtype, backend, sequence_parallel=False; see
+    `vlm_base.qwen2_language_config`.
+    """
     if hf_text.model_type != "qwen2":
         raise NotImplementedError(f"InternVL text model {hf_text.model_type!r}: only 'qwen2' (InternVL3)")
-    if getattr(hf_text, "use_sliding_window", False):
-        raise NotImplementedError("InternVL text model with use_sliding_window=True is not supported")
-    rope = hf_text.rope_parameters or {}
-    if rope.get("rope_type", "default") != "default":
-        raise NotImplementedError(f"rope_type {rope.get('rope_type')!r}: only 'default' RoPE is supported")
-    if sequence_parallel and backend != "te":
-        raise ValueError("sequence_parallel needs the TE spec: Megatron's local (torch) norms reject it")
-    heads, groups = hf_text.num_attention_heads, hf_text.num_key_value_heads
-    if heads % tp_size or groups % tp_size:
-        raise ValueError(
-            f"text num_attention_heads={heads} / num_key_value_heads={groups} not divisible by TP={tp_size}"
-        )
-    return TransformerConfig(
-        num_layers=hf_text.num_hidden_layers,
-        hidden_size=hf_text.hidden_size,
-        num_attention_heads=heads,
-        num_query_groups=groups,
-        kv_channels=getattr(hf_text, "head_dim", None) or hf_text.hidden_size // heads,
-        ffn_hidden_size=hf_text.intermediate_size,
-        add_bias_linear=False,
-        add_qkv_bias=True,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        normalization="RMSNorm",
-        layernorm_epsilon=hf_text.rms_norm_eps,
-        tensor_model_parallel_size=tp_size,
-        pipeline_model_parallel_size=pp_size,
-        sequence_parallel=sequence_parallel,
-        **backend_config_kwargs(backend, params_dtype),
-    )
+    return qwen2_language_config(hf_text, rope="rope", name="InternVL text model", **options)
 
 
-class InternVLModel(MegatronModule):
+class InternVLModel(VisionLanguageModel):
     """One pipeline stage of InternVL3 (see module docstring). `config` is the decoder's config."""
 
-    def __init__(
-        self,
-        hf_config,
-        config: TransformerConfig,
-        backend: Backend,
-        *,
-        pre_process: bool = True,
-        post_process: bool = True,
-        parallel_output: bool = True,
-    ) -> None:
-        super().__init__(config=config)
-        text = hf_config.text_config
-        self.backend = backend
-        self.model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
-        self.pre_process = pre_process
-        self.post_process = post_process
-        self.image_token_id = hf_config.image_token_id
-        self.downsample_ratio = hf_config.downsample_ratio
-        self.vocab_size = text.vocab_size
-        self.padded_vocab_size = tp_padded(text.vocab_size, config.tensor_model_parallel_size)
+    position_embedding_type = "rope"
 
+    def _build_vision(self, hf_config) -> None:
+        self.downsample_ratio = hf_config.downsample_ratio
         self.vision_model = self.vision_projection = None
-        if pre_process:
+        if self.pre_process:
             tower, projector = vision_configs(
                 hf_config,
-                tp_size=config.tensor_model_parallel_size,
-                params_dtype=config.params_dtype,
-                backend=backend,
+                tp_size=self.config.tensor_model_parallel_size,
+                params_dtype=self.config.params_dtype,
+                backend=self.backend,
             )
             shuffled_width = hf_config.vision_config.hidden_size * round(1 / self.downsample_ratio) ** 2
-            self.vision_model = InternVisionModel(hf_config, tower, backend)
-            self.vision_projection = InternVLProjector(projector, shuffled_width, backend)
-        self.language_model = GPTModel(
-            config=config,
-            transformer_layer_spec=block_spec(backend, config, AttnMaskType.causal),
-            vocab_size=self.padded_vocab_size,
-            max_sequence_length=text.max_position_embeddings,
-            pre_process=pre_process,
-            post_process=post_process,
-            parallel_output=parallel_output,
-            share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
-            position_embedding_type="rope",
-            rotary_base=text.rope_parameters["rope_theta"],
-            scatter_embedding_sequence_parallel=False,  # images are merged first, then we scatter
+            self.vision_model = InternVisionModel(hf_config, tower, self.backend)
+            self.vision_projection = InternVLProjector(projector, shuffled_width, self.backend)
+
+    def image_features(self, pixel_values: Tensor, image_grid_thw: Tensor | None = None) -> Tensor:
+        """pixel_values [n_tiles, 3, H, W] as the HF processor returns them -> [n_image_tokens, h], tile by
+        tile. `image_grid_thw` is unused (kept for a uniform model signature)."""
+        features = tile_features(
+            self.vision_model, self.vision_projection, pixel_values, self.downsample_ratio
         )
+        return features.flatten(0, 1)  # [n_tiles, tokens per tile, h] -> [n_image_tokens, h]
 
-    # -- Megatron plumbing (pipeline schedules and finalize_model_grads look for these) --------------------
+    def _describe_images(self, pixel_values: Tensor, image_grid_thw: Tensor | None) -> str:
+        return f"{pixel_values.shape[0]} tiles"
 
-    @property
-    def share_embeddings_and_output_weights(self) -> bool:
-        return self.language_model.share_embeddings_and_output_weights
-
-    def shared_embedding_or_output_weight(self) -> Tensor | None:
-        return self.language_model.shared_embedding_or_output_weight()
-
-    def set_input_tensor(self, input_tensor) -> None:
-        """Stages after the first receive the previous stage's hidden states [s, b, h] here."""
-        self.language_model.set_input_tensor(input_tensor)
-
-    # -- forward ------------------------------------------------------------------------------------------
-
-    def embed(self, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
-        """Token embeddings with image features scattered into the placeholders: [s, b, h]."""
-        embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
-        if pixel_values is not None:
-            features = image_features(
-                self.vision_model, self.vision_projection, pixel_values, self.downsample_ratio
-            )  # [n_tiles, tokens per tile, h]
-            features = features.flatten(0, 1)  # [n_image_tokens, h], tile by tile
-            placeholders = input_ids == self.image_token_id  # [b, s]
-            if int(placeholders.sum()) != features.shape[0]:
-                raise ValueError(
-                    f"{int(placeholders.sum())} image placeholder tokens but {features.shape[0]} image "
-                    f"features ({pixel_values.shape[0]} tiles)"
-                )
-            # HF fills placeholders in [b, s] order; do the same on a [b, s, h] view.
-            embeddings = (
-                embeddings.transpose(0, 1)
-                .masked_scatter(placeholders.unsqueeze(-1), features.to(embeddings.dtype))
-                .transpose(0, 1)
-                .contiguous()
-            )  # back to [s, b, h]
-        if self.config.sequence_parallel:
-            embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)  # [s/tp, b, h]
-        return embeddings
-
-    def forward(
-        self,
-        input_ids: Tensor,
-        position_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        pixel_values: Tensor | None = None,
-        image_grid_thw: Tensor | None = None,
-        labels: Tensor | None = None,
-        runtime_gather_output: bool | None = None,
-    ) -> Tensor:
-        """input_ids [b, s], position_ids [b, s] (0..s-1 per row; a [3, b, s] M-RoPE-style tensor is
-        accepted and its first row used), pixel_values [n_tiles, 3, H, W] as the HF processor returns
-        them. `image_grid_thw` is unused (kept for a uniform model signature).
-
-        Returns on the last stage logits [b, s, V/tp] (V when gathered), or per-token cross-entropy
-        [b, s] if `labels` [b, s] are given (labels[t] = the token that follows position t); on other
-        stages the hidden states [s, b, h] for the next stage.
-        """
-        position_ids = _check_positions(position_ids, input_ids.shape)
-        decoder_input = self.embed(input_ids, pixel_values) if self.pre_process else None
-        padded = self.padded_vocab_size != self.vocab_size
-        output = self.language_model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            decoder_input=decoder_input,
-            # Without vocab padding GPTModel's own loss is exact (and skips a [b, s, V/tp] transpose copy).
-            labels=None if padded else labels,
-            runtime_gather_output=False if labels is not None else runtime_gather_output,
-        )
-        if not self.post_process or (labels is not None and not padded):
-            return output  # hidden states [s, b, h] for the next stage, or the loss [b, s]
-        logits = self._mask_vocab_padding(output)  # [b, s, V/tp or V]
-        if labels is None:
-            return logits
-        # Vocab-parallel cross-entropy on the masked sharded logits: [b, s, V/tp] -> [s, b, V/tp] -> [b, s]
-        return self.language_model.compute_language_model_loss(labels, logits.transpose(0, 1).contiguous())
-
-    def _mask_vocab_padding(self, logits: Tensor) -> Tensor:
-        """Drop (gathered) or mask (TP-sharded, with the most negative value) the padded vocab columns."""
-        if self.padded_vocab_size == self.vocab_size:
-            return logits
-        width = logits.shape[-1]
-        if width == self.padded_vocab_size:
-            return logits[..., : self.vocab_size]
-        start = parallel_state.get_tensor_model_parallel_rank() * width
-        column = torch.arange(start, start + width, device=logits.device)
-        return logits.masked_fill(column >= self.vocab_size, torch.finfo(logits.dtype).min)
+    def rope_positions(self, position_ids: Tensor, input_ids: Tensor) -> Tensor:
+        """position_ids [b, s], 0..s-1 per row (a [3, b, s] M-RoPE-style tensor is accepted and its first
+        row used): Megatron's RoPE ignores them, so anything else is rejected (see `_check_positions`)."""
+        return _check_positions(position_ids, input_ids.shape)
 
 
 def _check_positions(position_ids: Tensor, shape: torch.Size) -> Tensor:
@@ -240,43 +100,16 @@ def _check_positions(position_ids: Tensor, shape: torch.Size) -> Tensor:
     return position_ids
 
 
-def build_internvl(
-    hf_config,
-    *,
-    params_dtype: torch.dtype = torch.float32,
-    pre_process: bool = True,
-    post_process: bool = True,
-    spec: SpecChoice = "auto",
-    parallel_output: bool = True,
-    sequence_parallel: bool = False,
-) -> InternVLModel:
+def build_internvl(hf_config, **options) -> InternVLModel:
     """Build this rank's stage of InternVL3. Needs Megatron's parallel_state (`init_distributed`).
 
-    `spec`: 'local' (Megatron's PyTorch modules, CPU), 'te' (Transformer Engine, GPU) or 'auto'.
-    Weights are randomly initialised; load HF weights with `hf_mapping.load_hf_weights` and
-    `get_mapping("internvl", ...)`. On a CUDA machine the model is moved to the current device.
+    options (keyword-only, see `vlm_base.build_stage`): params_dtype=torch.float32, pre_process=True,
+    post_process=True, spec="auto" ('local': Megatron's PyTorch modules, CPU; 'te': Transformer Engine,
+    GPU), parallel_output=True, sequence_parallel=False. Weights are randomly initialised; load HF weights
+    with `hf_mapping.load_hf_weights` and `get_mapping("internvl", ...)`. On a CUDA machine the model is
+    moved to the current device.
     """
-    backend = resolve_backend(spec)
-    config = language_config(
-        hf_config.text_config,
-        tp_size=parallel_state.get_tensor_model_parallel_world_size(),
-        pp_size=parallel_state.get_pipeline_model_parallel_world_size(),
-        params_dtype=params_dtype,
-        backend=backend,
-        sequence_parallel=sequence_parallel,
-    )
-    model = InternVLModel(
-        hf_config,
-        config,
-        backend,
-        pre_process=pre_process,
-        post_process=post_process,
-        parallel_output=parallel_output,
-    )
-    if torch.cuda.is_available():
-        # Like Megatron-LM's get_model: norms, the patch Conv2d and the vision embeddings are built on the CPU.
-        model.cuda(torch.cuda.current_device())
-    return model
+    return build_stage(InternVLModel, language_config, hf_config, **options)
 
 
 # ---- HF <-> Megatron map -------------------------------------------------------------------------------------
@@ -346,31 +179,10 @@ def _vision_rules(hf_config) -> list[Rule]:
 
 @register_mapping("internvl")
 def _internvl_mapping(hf_config, backend: Backend = "local") -> ArchMapping:
-    text = hf_config.text_config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    vocab = text.vocab_size
-    lm, hl = "language_model", "model.language_model"
     tied = bool(hf_config.tie_word_embeddings)
-    embed = f"{hl}.embed_tokens.weight"
-
-    rules = [
-        Rule(f"{lm}.embedding.word_embeddings.weight", (embed,), "first", 0, hf_size=vocab),
-        Rule(f"{lm}.decoder.final_layernorm.weight", (f"{hl}.norm.weight",), "last"),
-        Rule(f"{lm}.output_layer.weight", (embed,), "last_not_first", 0, hf_size=vocab, export=False)
-        if tied
-        else Rule(f"{lm}.output_layer.weight", ("lm_head.weight",), "last", 0, hf_size=vocab),
-    ]
-    rules += _layer_rules(
-        f"{lm}.decoder.layers.{{layer}}", f"{hl}.layers.{{layer}}", "decoder", backend,
-        qkv=QKVFusion(text.num_attention_heads, text.num_key_value_heads, head_dim), bias=False, mlp_size=None,
-        hf=dict(attn_norm="input_layernorm", qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                proj="self_attn.o_proj", mlp_norm="post_attention_layernorm", gate="mlp.gate_proj",
-                up="mlp.up_proj", down="mlp.down_proj"),
-    )  # fmt: skip
-    rules += _vision_rules(hf_config)
     return ArchMapping(
         arch="internvl",
-        rules=rules,
+        rules=qwen2_text_rules(hf_config, backend) + _vision_rules(hf_config),
         ignore=(r"lm_head\.weight",) if tied else (),
         # On-disk -hf checkpoints keep the LLaVA-style names (transformers 5 renames them on load).
         checkpoint_prefixes=(

@@ -48,8 +48,8 @@ from megatron.core.transformer.utils import (
 )
 from torch import Tensor, nn
 
-from .hf_mapping import tp_padded
 from .specs import Backend, backend_config_kwargs, linear_modules, mlp_spec, norm_module
+from .vlm_base import vision_adapter_config, vision_tower_sizes
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
 NORMS = {"layer_norm": "LayerNorm", "rms_norm": "RMSNorm"}
@@ -87,48 +87,34 @@ def vision_configs(
     """(tower config, projector config) from HF's `InternVLConfig`."""
     check_supported(hf_config)
     vision = hf_config.vision_config
-    hidden, heads = vision.hidden_size, vision.num_attention_heads
+    sizes = vision_tower_sizes(
+        "InternViT num_attention_heads",
+        hidden=vision.hidden_size,
+        heads=vision.num_attention_heads,
+        mlp=vision.intermediate_size,
+        tp_size=tp_size,
+    )
     text_hidden = hf_config.text_config.hidden_size
-    if heads % tp_size:
-        raise ValueError(
-            f"InternViT num_attention_heads={heads} is not divisible by tensor parallel size {tp_size}"
-        )
     if text_hidden % tp_size:
         raise ValueError(f"projector width (text hidden_size={text_hidden}) not divisible by TP={tp_size}")
     common = backend_config_kwargs(backend, params_dtype)
     common["bias_activation_fusion"] = False  # Megatron's fused bias-GELU is the tanh approximation
-    parallel = dict(
-        tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=1, sequence_parallel=False
-    )
     tower = TransformerConfig(
         num_layers=vision.num_hidden_layers,
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        num_query_groups=heads,
-        kv_channels=hidden // heads,
-        ffn_hidden_size=tp_padded(vision.intermediate_size, tp_size),
         add_bias_linear=True,  # projection_layer, fc1, fc2; the QKV bias follows attention_bias (spec)
         add_qkv_bias=vision.attention_bias,
         gated_linear_unit=False,
         activation_func=ACTIVATIONS[vision.hidden_act],
         normalization=NORMS[vision.norm_type],
         layernorm_epsilon=vision.layer_norm_eps,
-        **parallel,
+        **sizes,  # incl. the parallel layout
         **common,
     )
-    projector = TransformerConfig(
-        num_layers=1,
-        hidden_size=text_hidden,
-        num_attention_heads=tp_size,  # unused (no attention); Megatron only validates divisibility by TP
-        ffn_hidden_size=text_hidden,
-        add_bias_linear=True,
-        gated_linear_unit=False,
-        activation_func=ACTIVATIONS[hf_config.projector_hidden_act],
-        normalization="LayerNorm",
-        layernorm_epsilon=PROJECTOR_NORM_EPS,
-        **parallel,
-        **common,
-    )
+    projector = vision_adapter_config(
+        text_hidden, text_hidden, tp_size,  # heads: unused (no attention), only checked against TP
+        activation=ACTIVATIONS[hf_config.projector_hidden_act],
+        norm="LayerNorm", eps=PROJECTOR_NORM_EPS, tp_size=tp_size, **common,
+    )  # fmt: skip
     return tower, projector
 
 

@@ -37,8 +37,8 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor, nn
 
-from .hf_mapping import tp_padded
 from .specs import Backend, backend_config_kwargs, block_spec, mlp_spec, norm_module
+from .vlm_base import vision_adapter_config, vision_tower_sizes
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 VISION_NORM_EPS = 1e-6  # hard-coded in HF's Qwen2.5-VL vision blocks and merger
@@ -50,43 +50,27 @@ def vision_configs(
     """(tower config, merger config) from HF's `Qwen2_5_VLVisionConfig`."""
     common = backend_config_kwargs(backend, params_dtype)
     hidden, heads = hf_vision.hidden_size, hf_vision.num_heads
-    if heads % tp_size:
-        raise ValueError(f"vision num_heads={heads} is not divisible by tensor parallel size {tp_size}")
+    sizes = vision_tower_sizes(
+        "vision num_heads", hidden=hidden, heads=heads, mlp=hf_vision.intermediate_size, tp_size=tp_size
+    )
     tower = TransformerConfig(
         num_layers=hf_vision.depth,
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        num_query_groups=heads,
-        kv_channels=hidden // heads,
-        ffn_hidden_size=tp_padded(hf_vision.intermediate_size, tp_size),
         add_bias_linear=True,
         add_qkv_bias=True,
         gated_linear_unit=True,
         activation_func=ACTIVATIONS[hf_vision.hidden_act],
         normalization="RMSNorm",
         layernorm_epsilon=VISION_NORM_EPS,
-        tensor_model_parallel_size=tp_size,
-        pipeline_model_parallel_size=1,  # the tower lives whole on the first stage
-        sequence_parallel=False,
+        **sizes,  # incl. the parallel layout: the tower lives whole on the first stage
         **common,
     )
     merged = hidden * hf_vision.spatial_merge_size**2
     common["bias_activation_fusion"] = False  # Megatron's fused bias-GELU is the tanh approximation
-    merger = TransformerConfig(
-        num_layers=1,
-        hidden_size=hf_vision.out_hidden_size,
-        num_attention_heads=heads,
-        ffn_hidden_size=merged,
-        add_bias_linear=True,
-        gated_linear_unit=False,
-        activation_func=F.gelu,  # HF: nn.GELU() (exact erf form)
-        normalization="RMSNorm",
-        layernorm_epsilon=VISION_NORM_EPS,
-        tensor_model_parallel_size=tp_size,
-        pipeline_model_parallel_size=1,
-        sequence_parallel=False,
-        **common,
-    )
+    merger = vision_adapter_config(
+        hf_vision.out_hidden_size, merged, heads,
+        activation=F.gelu,  # HF: nn.GELU() (exact erf form)
+        norm="RMSNorm", eps=VISION_NORM_EPS, tp_size=tp_size, **common,
+    )  # fmt: skip
     return tower, merger
 
 
