@@ -1,17 +1,28 @@
-"""Which kernels fill Megatron's layer slots: the *local* spec (pure PyTorch, CPU/CI) or Transformer Engine.
+"""Which kernels fill Megatron's layer slots: *local* (pure PyTorch, CPU/CI), *sdpa* (GPU without Transformer
+Engine) or *te* (Transformer Engine).
 
 A Megatron `TransformerLayer` is a set of slots (norms, QKV linear, core attention, projection, MLP
-linears). The two backends fill them differently, and that changes parameter *names*:
+linears). The backends fill them differently, and TE's fused norm+linear changes parameter *names*:
 
-    slot                 local spec                              TE spec
-    attention norm       input_layernorm.weight                  self_attention.linear_qkv.layer_norm_weight
-    MLP norm             pre_mlp_layernorm.weight                mlp.linear_fc1.layer_norm_weight
-    core attention       DotProductAttention (dense, any mask)   TEDotProductAttention (flash/fused)
+    slot             local                      sdpa                   te
+    attention norm   input_layernorm.weight     (as local)             self_attention.linear_qkv.layer_norm_weight
+    MLP norm         pre_mlp_layernorm.weight   (as local)             mlp.linear_fc1.layer_norm_weight
+    core attention   DotProductAttention        SDPACoreAttention      TEDotProductAttention
+                     (dense S x S scores)       (torch SDPA: flash /   (flash / cuDNN fused)
+                                                mem-efficient)
 
-`NORM_PARAM_NAMES` records that difference in one place; `hf_mapping` reads it, so conversion and weight
-sync follow whatever backend built the model. The backend is chosen once, from the config and the
-hardware (`resolve_backend`): "auto" means TE when CUDA is up and `transformer_engine` imports, else local.
-TE is imported lazily, only when asked for, and a missing install fails with a message that says so.
+'sdpa' is the local spec with the core attention swapped (sdpa_attention.py), so its parameter names are
+local's. Its norms are local's `WrappedTorchNorm` -> `torch.nn.RMSNorm`, whose forward `F.rms_norm`
+dispatches to torch's fused `_fused_rms_norm` kernel, with one change: weights in params_dtype (local keeps
+them fp32, and a bf16 input with an fp32 weight misses the fused kernel). Megatron's other local norm,
+`FusedLayerNorm`, needs apex and does LayerNorm only. On CUDA 'sdpa' also turns on Megatron's fused
+bias+SwiGLU (torch.compile'd, no TE needed).
+
+`NORM_PARAM_NAMES` records the naming difference in one place; `hf_mapping` reads it, so conversion and
+weight sync follow whatever backend built the model. The backend is chosen once, from the config and the
+hardware (`resolve_backend`): "auto" means TE when CUDA is up and `transformer_engine` imports, sdpa on CUDA
+without TE, else local. TE is imported lazily, only when asked for, and a missing install fails with a
+message that says so.
 """
 
 from __future__ import annotations
@@ -26,15 +37,17 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-SpecChoice = Literal["auto", "local", "te"]
-Backend = Literal["local", "te"]
+SpecChoice = Literal["auto", "local", "sdpa", "te"]
+Backend = Literal["local", "sdpa", "te"]
 
+_LOCAL_NORM_NAMES = {
+    "attn_norm": "input_layernorm.weight",
+    "mlp_norm": "pre_mlp_layernorm.weight",
+}
 # Slot name -> parameter name (relative to a decoder layer) per backend. See module docstring.
 NORM_PARAM_NAMES: dict[Backend, dict[str, str]] = {
-    "local": {
-        "attn_norm": "input_layernorm.weight",
-        "mlp_norm": "pre_mlp_layernorm.weight",
-    },
+    "local": _LOCAL_NORM_NAMES,
+    "sdpa": _LOCAL_NORM_NAMES,  # same slots as local, only the core attention differs
     "te": {
         "attn_norm": "self_attention.linear_qkv.layer_norm_weight",
         "mlp_norm": "mlp.linear_fc1.layer_norm_weight",
@@ -48,43 +61,85 @@ def te_available() -> bool:
 
 
 def resolve_backend(spec: SpecChoice = "auto") -> Backend:
-    """'auto' -> 'te' on a CUDA machine with Transformer Engine installed, else 'local'."""
-    if spec == "local":
-        return "local"
+    """'auto' -> 'te' on a CUDA machine with Transformer Engine installed, 'sdpa' on CUDA without TE, else
+    'local'. 'local' and 'sdpa' can be forced anywhere (sdpa runs on CPU too: tests)."""
+    if spec in ("local", "sdpa"):
+        return spec
     if spec == "te":
         _require_te()
         return "te"
     if spec == "auto":
-        if torch.cuda.is_available() and te_available():
+        if not torch.cuda.is_available():
+            return "local"
+        if te_available():
             _require_te()  # installed but broken: say so rather than fail deep inside Megatron
             return "te"
-        return "local"
-    raise ValueError(f"spec must be 'auto', 'local' or 'te', got {spec!r}")
+        return "sdpa"
+    raise ValueError(f"spec must be 'auto', 'local', 'sdpa' or 'te', got {spec!r}")
 
 
 def _require_te() -> None:
     if not torch.cuda.is_available():
         raise RuntimeError(
-            "spec='te' needs a CUDA device (Transformer Engine kernels are GPU-only); use 'local'"
+            "spec='te' needs a CUDA device (Transformer Engine kernels are GPU-only); use 'local' or 'sdpa'"
         )
     try:
         import transformer_engine.pytorch  # noqa: F401
     except ImportError as err:
         raise RuntimeError(
             "spec='te' needs Transformer Engine: pip install 'calibrl-mcore[gpu]' (transformer-engine[pytorch]) "
-            f"or use spec='local' (import failed: {err})"
+            f"or use spec='sdpa' / 'local' (import failed: {err})"
         ) from err
 
 
+class TorchNormInParamsDtype:
+    """Megatron's `WrappedTorchNorm` (`torch.nn.RMSNorm` / `LayerNorm`) with its weight in `params_dtype`.
+
+    `WrappedTorchNorm` always builds fp32 weights; in a bf16 model the input is bf16, and torch's fused
+    norm kernel (aten `_fused_rms_norm`) needs input and weight of one dtype, else it falls back to the
+    unfused composite ("Mismatch dtype between input and weight ... Cannot dispatch to fused
+    implementation"). Same parameter names; a class (not a function) because `build_module` calls classes.
+    """
+
+    def __new__(
+        cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **kwargs
+    ) -> torch.nn.Module:
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        norm = WrappedTorchNorm(config=config, hidden_size=hidden_size, eps=eps, **kwargs)
+        return norm.to(dtype=config.params_dtype)
+
+
 def norm_module(backend: Backend) -> type:
-    """A standalone RMSNorm/LayerNorm module (final norm, patch-merger norm) for `backend`."""
+    """A standalone RMSNorm/LayerNorm module (final norm, patch-merger norm) for `backend`.
+
+    local: `WrappedTorchNorm` (fp32 weights, as before). sdpa: the same torch norms with weights in
+    params_dtype, so that bf16 runs hit torch's fused kernels. te: `TENorm`.
+    """
     if backend == "te":
         from megatron.core.extensions.transformer_engine import TENorm
 
         return TENorm
+    if backend == "sdpa":
+        return TorchNormInParamsDtype
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     return WrappedTorchNorm
+
+
+def core_attention_module(backend: Backend) -> type:
+    """The class for `SelfAttentionSubmodules.core_attention`: S x S local, torch SDPA, or TE's."""
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+        return TEDotProductAttention
+    if backend == "sdpa":
+        from .sdpa_attention import SDPACoreAttention
+
+        return SDPACoreAttention
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    return DotProductAttention
 
 
 def linear_modules(backend: Backend) -> tuple[type, type]:
@@ -110,21 +165,15 @@ def transformer_layer_spec(backend: Backend, attn_mask_type: AttnMaskType) -> Mo
 
     column, row = linear_modules(backend)
     if backend == "te":
-        from megatron.core.extensions.transformer_engine import (
-            TEDotProductAttention,
-            TELayerNormColumnParallelLinear,
-        )
+        from megatron.core.extensions.transformer_engine import TELayerNormColumnParallelLinear
 
         # TE fuses the pre-norm into the following linear: the norm slots stay empty.
         attn_norm, mlp_norm = IdentityOp, IdentityOp
         qkv = fc1 = TELayerNormColumnParallelLinear
-        core_attention = TEDotProductAttention
-    else:
-        from megatron.core.transformer.dot_product_attention import DotProductAttention
-
+    else:  # local, sdpa: standalone norms, Megatron's own linears
         attn_norm = mlp_norm = norm_module(backend)
         qkv = fc1 = column
-        core_attention = DotProductAttention
+    core_attention = core_attention_module(backend)
 
     return ModuleSpec(
         module=TransformerLayer,
@@ -175,17 +224,20 @@ def backend_config_kwargs(backend: Backend, params_dtype: torch.dtype) -> dict:
     """TransformerConfig flags that depend on the backend/hardware rather than on the architecture.
 
     CPU (local spec): every fused kernel off (they are CUDA-only) and fp32 softmax. TE: the fused
-    bias+SwiGLU and masked-softmax kernels on. RoPE fusion stays off on both: Megatron's fused RoPE does
-    not take the per-token (M-RoPE / 2D vision) frequency tables used here.
+    bias+SwiGLU and masked-softmax kernels on. sdpa: fused bias+SwiGLU on when CUDA is up (Megatron's
+    torch.compile'd kernel; off on CPU, where sdpa must compute exactly what local does), masked softmax
+    unused (SDPA does the softmax). RoPE fusion stays off everywhere: Megatron's fused RoPE does not take the
+    per-token (M-RoPE / 2D vision) frequency tables used here.
     """
     on_te = backend == "te"
+    fused_activation = on_te or (backend == "sdpa" and torch.cuda.is_available())
     return dict(
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,  # dtype of the activations sent between pipeline stages
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=not torch.cuda.is_available(),
-        bias_activation_fusion=on_te,
+        bias_activation_fusion=fused_activation,
         masked_softmax_fusion=on_te,
         apply_rope_fusion=False,
         persist_layer_norm=False,
