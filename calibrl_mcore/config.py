@@ -25,7 +25,8 @@ class ModelConfig:
     dtype: str = "fp32"
     """training parameter dtype: 'fp32' (CPU) or 'bf16' (GPU)."""
     spec: str = "auto"
-    """layer spec: 'local' (CPU), 'te' (Transformer Engine), 'auto' (te on GPU when installed)."""
+    """layer spec: 'local' (CPU), 'sdpa' (torch SDPA attention), 'te' (Transformer Engine), 'auto' (te on GPU
+    when installed, else sdpa on GPU, local on CPU)."""
     fp8: str = "none"
     """FP8 training recipe with TE: none | delayed | tensorwise | blockwise (H100+ only)."""
     fp8_bf16_layers: list[str] = field(default_factory=lambda: ["first", "last", "vision"])
@@ -243,7 +244,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("auto", "qwen2_5_vl", "internvl"),
     "model.dtype": ("fp32", "bf16"),
-    "model.spec": ("auto", "local", "te"),
+    "model.spec": ("auto", "local", "sdpa", "te"),
     "model.fp8": ("none", "delayed", "tensorwise", "blockwise"),
     "model.recompute": ("none", "selective", "full"),
     "rollout.engine": ("embedded", "sglang", "vllm"),

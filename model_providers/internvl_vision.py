@@ -48,7 +48,14 @@ from megatron.core.transformer.utils import (
 )
 from torch import Tensor, nn
 
-from .specs import Backend, backend_config_kwargs, linear_modules, mlp_spec, norm_module
+from .specs import (
+    Backend,
+    backend_config_kwargs,
+    core_attention_module,
+    linear_modules,
+    mlp_spec,
+    norm_module,
+)
 from .vlm_base import vision_adapter_config, vision_tower_sizes
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
@@ -217,16 +224,6 @@ class InternVisionLayerSubmodules:
     mlp: ModuleSpec
 
 
-def _core_attention(backend: Backend) -> type:
-    if backend == "te":
-        from megatron.core.extensions.transformer_engine import TEDotProductAttention
-
-        return TEDotProductAttention
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-
-    return DotProductAttention
-
-
 def vision_layer_spec(backend: Backend, *, qkv_bias: bool, qk_norm: bool) -> ModuleSpec:
     """Standalone norms (no TE norm+linear fusion), so parameter names are the same on both backends."""
     column, row = linear_modules(backend)
@@ -245,7 +242,7 @@ def vision_layer_spec(backend: Backend, *, qkv_bias: bool, qk_norm: bool) -> Mod
                 params={"attn_mask_type": AttnMaskType.no_mask},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=qkv_linear,
-                    core_attention=_core_attention(backend),
+                    core_attention=core_attention_module(backend),
                     linear_proj=row,
                     q_layernorm=qk_norm_module,
                     k_layernorm=qk_norm_module,
