@@ -124,6 +124,30 @@ def _clipped_pg(
     )
 
 
+class _CalibrationTerm(torch.autograd.Function):
+    """cal = LeakyReLU_α((b − ℓ)·s·w), the gradient's per-token factor formed in the forward pass.
+
+    Returns (cal [B, T], full [B, T] bool: the full-slope side, −s(ℓ − b)·w ≥ 0). One saved bool tensor
+    and one multiply in backward instead of autograd's chain through sub / mul / leaky_relu.
+    """
+
+    @staticmethod
+    def forward(ctx, lp: torch.Tensor, baseline: torch.Tensor, sw: torch.Tensor, alpha: float):
+        y = (baseline - lp).mul_(sw)  # [B, T], (b − ℓ)·s·w
+        full = y >= 0
+        ctx.save_for_backward(full, sw)
+        ctx.alpha = alpha
+        ctx.mark_non_differentiable(full)
+        return F.leaky_relu_(y, alpha), full
+
+    @staticmethod
+    def backward(ctx, grad_cal: torch.Tensor, _grad_full):
+        full, sw = ctx.saved_tensors
+        # d cal / d ℓ = −s·w on the full-slope side, −α·s·w on the damped side.
+        coef = torch.where(full, -sw, -ctx.alpha * sw)  # [B, T]
+        return grad_cal * coef, None, None, None
+
+
 def _finish(
     terms: dict[str, tuple[float, torch.Tensor]],
     mask: torch.Tensor,
@@ -269,15 +293,18 @@ def calibrl_loss(
     weight = adv.abs() if rarity is None else rarity.detach().float()  # [B], ≥ 0
     sign = passed.to(torch.float32) * 2.0 - 1.0  # [B], s ∈ {+1, −1}
     # |A|·LeakyReLU(x) == LeakyReLU(|A|·x) for |A| ≥ 0, so weight and sign fold into one [B, 1] factor.
-    push = (expert_logp.detach().float() - lp) * sign[:, None]  # −s (ℓ − b), [B, T]
-    cal = F.leaky_relu(push * weight[:, None], negative_slope=alpha)
+    cal, full = _CalibrationTerm.apply(lp, expert_logp.detach().float(), (sign * weight)[:, None], alpha)
     cal_mask = mask if expert_mask is None else mask * expert_mask.to(torch.float32)
     if expert_mask is not None:
         cal = cal * expert_mask.to(torch.float32)
 
     metrics = _ratio_metrics(pg, mask, norm)
-    metrics["leaky_pos_frac"] = token_fraction(push.detach() >= 0, cal_mask, norm)
-    metrics["leaky_neg_frac"] = token_fraction(push.detach() < 0, cal_mask, norm)
+    # Side of the LeakyReLU each pushed token is on (for w > 0, `full` is the sign of −s(ℓ − b)); tokens of
+    # zero-rarity rows get no push and count in neither fraction. Row sums first: [B, T] work stays minimal.
+    pushed = (weight > 0).to(torch.float32)  # [B]
+    full_rows = (full.to(torch.float32) * cal_mask).sum(dim=-1)  # [B]
+    metrics["leaky_pos_frac"] = (pushed * full_rows).sum() / norm.num_tokens
+    metrics["leaky_neg_frac"] = (pushed * (cal_mask.sum(dim=-1) - full_rows)).sum() / norm.num_tokens
     return _finish(
         {"pg": (1.0, pg.loss), "cal": (lam, cal)}, mask, norm, metrics,
         entropy=entropy, entropy_coef=entropy_coef, ref_logp=ref_logp, logp=lp, kl_coef=kl_coef,
