@@ -105,7 +105,7 @@ def build_internvl(hf_config, **options) -> InternVLModel:
 
     options (keyword-only, see `vlm_base.build_stage`): params_dtype=torch.float32, pre_process=True,
     post_process=True, spec="auto" ('local': Megatron's PyTorch modules, CPU; 'te': Transformer Engine,
-    GPU), parallel_output=True, sequence_parallel=False. Weights are randomly initialised; load HF weights
+    GPU), parallel_output=True, sequence_parallel=False, recompute='none'|'selective'|'full'. Weights are randomly initialised; load HF weights
     with `hf_mapping.load_hf_weights` and `get_mapping("internvl", ...)`. On a CUDA machine the model is
     moved to the current device.
     """

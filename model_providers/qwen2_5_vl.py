@@ -77,7 +77,7 @@ def build_qwen2_5_vl(hf_config, **options) -> Qwen2_5_VLModel:
 
     options (keyword-only, see `vlm_base.build_stage`): params_dtype=torch.float32, pre_process=True,
     post_process=True, spec="auto" ('local': Megatron's PyTorch modules, CPU; 'te': Transformer Engine,
-    GPU), parallel_output=True, sequence_parallel=False. Weights are randomly initialised; load HF weights
+    GPU), parallel_output=True, sequence_parallel=False, recompute='none'|'selective'|'full'. Weights are randomly initialised; load HF weights
     with `hf_mapping.load_hf_weights`. On a CUDA machine the model is moved to the current device.
     """
     return build_stage(Qwen2_5_VLModel, language_config, hf_config, **options)

@@ -292,6 +292,20 @@ class VisionLanguageModel(MegatronModule):
         return logits.masked_fill(column >= self.vocab_size, torch.finfo(logits.dtype).min)
 
 
+RECOMPUTE_CHOICES = ("none", "selective", "full")
+
+
+def apply_recompute(config: TransformerConfig, recompute: str) -> None:
+    """Set Megatron's recompute fields (read when layers are built and in TransformerBlock.forward)."""
+    if recompute not in RECOMPUTE_CHOICES:
+        raise ValueError(f"recompute={recompute!r} is not one of {list(RECOMPUTE_CHOICES)}")
+    if recompute == "full":
+        config.recompute_granularity, config.recompute_method, config.recompute_num_layers = "full", "uniform", 1
+    elif recompute == "selective":
+        config.recompute_granularity = "selective"
+        config.recompute_modules = ["core_attn"]
+
+
 def build_stage(
     model_cls: type[VisionLanguageModel],
     language_config: Callable[..., TransformerConfig],
@@ -303,8 +317,12 @@ def build_stage(
     spec: SpecChoice = "auto",
     parallel_output: bool = True,
     sequence_parallel: bool = False,
+    recompute: str = "none",
 ) -> VisionLanguageModel:
     """Build this rank's stage of `model_cls`, its decoder configured by `language_config(hf_text, ...)`.
+
+    `recompute`: activation recompute of the decoder: 'none', 'selective' (core attention only) or
+    'full' (every layer's activations, recomputed one layer at a time in backward).
 
     Needs Megatron's parallel_state (`init_distributed`). `spec`: 'local' (Megatron's PyTorch modules,
     CPU), 'te' (Transformer Engine, GPU) or 'auto'. Weights are randomly initialised (load HF weights with
@@ -319,6 +337,7 @@ def build_stage(
         backend=backend,
         sequence_parallel=sequence_parallel,
     )
+    apply_recompute(config, recompute)
     model = model_cls(
         hf_config,
         config,

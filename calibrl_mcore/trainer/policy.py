@@ -94,6 +94,7 @@ class MegatronPolicy:
             pre_process=parallel_state.is_pipeline_first_stage(),
             post_process=parallel_state.is_pipeline_last_stage(),
             spec=model_cfg.spec,
+            recompute=model_cfg.recompute,
         )
         self.mapping = get_mapping(self.arch, self.hf_config, model.backend)
         self.placement = Placement.from_parallel_state(model.config)
