@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from rollout.client import RolloutClient, RolloutRequestError
+from rollout.launcher import free_port
 from tests.test_rollout_engine import random_image, teacher_forced_logprobs, tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,12 +25,6 @@ API_KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 LOAD_CLIENTS, LOAD_SECONDS = 16, 10.0
 RSS_GROWTH_LIMIT_MB = 150  # after warm-up; a leak of ~1 KB per request would show at this load
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png_b64(seed: int) -> str:

@@ -187,7 +187,7 @@ class Trainer:
                         raise
                     log.warning("rollout failed (%s): restarting the rollout server and retrying the step", exc)
                     self.sampler.load_state_dict(cursor)
-                    self.server.ensure_alive()
+                    self.server.ensure_running(check_health=True)
                     payload = [("restarted",)]
             dist.broadcast_object_list(payload, src=0)
             if payload[0][0] == "ok":

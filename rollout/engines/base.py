@@ -157,6 +157,7 @@ class ExternalServer:
         health_timeout: float = 900.0,
         max_restarts: int = 3,
         require_installed: bool = True,  # False only for tests / printing the command
+        log_path: str | None = None,  # server stdout/stderr go here (appended); None = inherited
     ) -> None:
         if require_installed:
             _require_package(self.package)
@@ -164,6 +165,7 @@ class ExternalServer:
         self.tp_size, self.mem_fraction_static, self.context_length = tp_size, mem_fraction_static, context_length
         self.extra_args = tuple(extra_args)
         self.health_timeout, self.max_restarts = health_timeout, max_restarts
+        self.log_path = log_path
         self.restarts = 0
         self.process: Any = None  # subprocess.Popen once started
 
@@ -174,41 +176,58 @@ class ExternalServer:
     def command(self) -> list[str]:
         raise NotImplementedError
 
-    def start(self) -> None:
+    def env(self) -> dict[str, str] | None:
+        """Environment of the child (None = inherit)."""
+        return None
+
+    def start(self):
+        """Launch and wait for /health; returns self (so `Server(...).start()` chains)."""
         import subprocess
 
+        out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115 (the child owns it)
         # A new session makes the server and its workers (TP ranks, tokenizer manager) one process
         # group, so stop() can end all of them by the group id of the process we started.
-        self.process = subprocess.Popen(self.command(), start_new_session=True)
+        self.process = subprocess.Popen(self.command(), start_new_session=True, env=self.env(), stdout=out,
+                                        stderr=subprocess.STDOUT if out else None)
         self.wait_healthy()
+        return self
+
+    def healthy(self) -> bool:
+        import httpx
+
+        try:
+            return httpx.get(self.url + "/health", timeout=5.0).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def wait_healthy(self) -> None:
         import time
-
-        import httpx
 
         deadline = time.monotonic() + self.health_timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"{self.package} server exited with code {self.process.returncode} before "
-                                   f"becoming healthy; command: {' '.join(self.command())}")
-            try:
-                if httpx.get(self.url + "/health", timeout=5.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+                                   f"becoming healthy; command: {' '.join(self.command())}"
+                                   + (f"; log: {self.log_path}" if self.log_path else ""))
+            if self.healthy():
+                return
             time.sleep(0.5)
         self.stop()
         raise TimeoutError(f"{self.package} server not healthy after {self.health_timeout:.0f} s at {self.url}")
 
-    def ensure_running(self) -> None:
-        """Restart the server if it died; give up after `max_restarts` restarts."""
-        if self.process is None or self.process.poll() is None:
-            return
+    def ensure_running(self, check_health: bool = False) -> bool:
+        """Restart the server if it died (or, with `check_health`, stopped answering /health); give up
+        after `max_restarts` restarts. Returns whether it restarted."""
+        if self.process is None:
+            return False
+        if self.process.poll() is None and not (check_health and not self.healthy()):
+            return False
         if self.restarts >= self.max_restarts:
             raise RuntimeError(f"{self.package} server died {self.restarts + 1} times; not restarting again")
         self.restarts += 1
+        self.stop()
         self.start()
+        return True
 
     def stop(self, timeout: float = 30.0) -> None:
         import os

@@ -28,7 +28,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python tools/scaling/sweep.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from rollout.launcher import free_port  # noqa: E402
 from tools.scaling.models import MODELS, ModelShape, get_model  # noqa: E402
 from tools.scaling.planner import (  # noqa: E402
     HARDWARE,
@@ -205,12 +205,6 @@ def parse_layout(name: str) -> Layout:
     return Layout(**{k: degrees.get(k, 1) for k in ("tp", "pp", "cp", "dp")})
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tree(pid: int) -> list:
     import psutil
 
@@ -262,7 +256,7 @@ def run_layout(name: str, config: Path, out: Path, steps: int, extra: list[str],
     ranks = lay.tp * lay.pp * lay.cp * lay.dp
     run_dir = out / name
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "calibrl_mcore.cli", "train",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "calibrl_mcore.cli", "train",
            "--config", str(config), f"train.run_dir={run_dir}", f"train.steps={steps}",
            f"parallel.tensor_model_parallel_size={lay.tp}", f"parallel.pipeline_model_parallel_size={lay.pp}",
            f"parallel.context_parallel_size={lay.cp}", "train.progress=false", "train.tensorboard=false",
