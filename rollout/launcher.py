@@ -58,3 +58,20 @@ class EmbeddedServerProcess(ExternalServer):
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def start_rollout_server(cfg, model_path: str | Path, run_dir: Path) -> ExternalServer:
+    """Start the server a trainer colocates with itself (`rollout.engine`: embedded | sglang | vllm)."""
+    log_path = Path(run_dir) / "rollout_server.log"
+    if cfg.engine == "embedded":
+        return EmbeddedServerProcess(model_path, api_key=cfg.api_key, log_path=log_path,
+                                     extra_args=["--device", cfg.server_device, "--dtype", cfg.server_dtype]).start()
+    if cfg.engine in ("sglang", "vllm"):
+        if cfg.engine == "sglang":
+            from rollout.engines.sglang import SGLangServer as server_class
+        else:
+            from rollout.engines.vllm import VLLMServer as server_class
+        return server_class(str(model_path), port=free_port(), api_key=cfg.api_key or None,
+                            tp_size=cfg.server_tp_size, mem_fraction_static=cfg.server_mem_fraction,
+                            log_path=str(log_path)).start()
+    raise ValueError(f"rollout.engine={cfg.engine!r} is not one of embedded, sglang, vllm")

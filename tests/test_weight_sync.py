@@ -1,5 +1,6 @@
-"""After a weight sync from a Megatron policy (TP=2, and PP=2), the rollout server's log-probs of its own
-samples equal the policy's recomputed log-probs (≤1e-4), and responses carry the pushed version."""
+"""After a weight sync from a Megatron policy (TP=2, and PP=2; tensor buckets, and an HF checkpoint
+reloaded from disk as for SGLang/vLLM), the rollout server's log-probs of its own samples equal the
+policy's recomputed log-probs (≤1e-4), and responses carry the pushed version."""
 
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ def tiny(tmp_path_factory):
     return make_tiny_model("qwen2_5_vl", tmp_path_factory.mktemp("m") / "tiny", seed=0)
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_server_logprobs_match_megatron_after_sync(tiny, tmp_path, tp, pp):
+@pytest.mark.parametrize("tp,pp,method", [(2, 1, "tensor"), (1, 2, "tensor"), (1, 2, "disk")])
+def test_server_logprobs_match_megatron_after_sync(tiny, tmp_path, tp, pp, method):
     results = run_torchrun("weight_sync_worker.py", tp * pp, tmp_path, "--model", str(tiny), "--tp", str(tp),
-                           "--pp", str(pp), timeout=400)
+                           "--pp", str(pp), "--method", method, timeout=400)
     last = [r for r in results if r["last_stage"]]
     assert last, results
     for r in last:

@@ -39,7 +39,7 @@ from calibrl_mcore.trainer.rollout_stage import RolloutFailure, RolloutStage
 from calibrl_mcore.trainer.weight_sync import WeightSync
 from model_providers.registry import position_ids
 from rollout.client import RolloutClient
-from rollout.launcher import EmbeddedServerProcess
+from rollout.launcher import start_rollout_server
 
 log = logging.getLogger(__name__)
 TRAINS_EXPERT_ROWS = {"luffy", "rlplus"}  # families whose loss has an off-policy expert term
@@ -72,13 +72,8 @@ class Trainer:
         self.server, self.stage, urls = None, None, [list(cfg.rollout.urls)]
         if self.is_rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if not urls[0]:  # colocated: our own embedded server, a child process on loopback
-                if cfg.rollout.engine != "embedded":
-                    raise ValueError(f"rollout.engine={cfg.rollout.engine!r} needs rollout.urls of running servers")
-                self.server = EmbeddedServerProcess(
-                    cfg.model.hf_path, api_key=cfg.rollout.api_key, log_path=self.run_dir / "rollout_server.log",
-                    extra_args=["--device", cfg.rollout.server_device, "--dtype", cfg.rollout.server_dtype],
-                ).start()
+            if not urls[0]:  # colocated: we start the server ourselves, a child process on loopback
+                self.server = start_rollout_server(cfg.rollout, cfg.model.hf_path, self.run_dir)
                 urls = [[self.server.url]]
             client = RolloutClient(urls[0], api_key=cfg.rollout.api_key or None, timeout=cfg.rollout.timeout_s,
                                    max_retries=cfg.rollout.max_retries)
@@ -88,7 +83,9 @@ class Trainer:
         dist.broadcast_object_list(pad, src=0)
         self.pad_id = pad[0]
         self.sync = WeightSync(self.policy, urls[0], api_key=cfg.rollout.api_key,
-                               bucket_mb=cfg.rollout.weight_sync_bucket_mb, timeout_s=cfg.rollout.timeout_s)
+                               bucket_mb=cfg.rollout.weight_sync_bucket_mb, timeout_s=cfg.rollout.timeout_s,
+                               method="tensor" if cfg.rollout.engine == "embedded" else "disk",
+                               src_dir=cfg.model.hf_path, stage_dir=self.run_dir / "weight_sync")
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_rank0, tensorboard=cfg.train.tensorboard,
                                     progress_total=cfg.train.steps if cfg.train.progress else None)

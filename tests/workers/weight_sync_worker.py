@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--method", default="tensor")
     a = p.parse_args()
     info = init_distributed(ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp))
     policy = MegatronPolicy(ModelConfig(hf_path=a.model, spec="local"), OptimConfig())
@@ -46,7 +47,8 @@ def main() -> None:
         server = EmbeddedServerProcess(a.model).start()
         urls = [server.url]
     dist.broadcast_object_list(urls, src=0)
-    sync = WeightSync(policy, urls, bucket_mb=1)  # small buckets: exercise the bucketing
+    sync = WeightSync(policy, urls, bucket_mb=1, method=a.method, src_dir=a.model,  # small buckets
+                      stage_dir=os.path.join(a.out, "weight_sync"))
     sync.push(version=7)
     payload: list = [None]
     if info.rank == 0:
