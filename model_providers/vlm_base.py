@@ -18,7 +18,7 @@ own: `vision_model` (+ `vision_projection`) and `language_model`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -293,6 +293,38 @@ class VisionLanguageModel(MegatronModule):
 
 
 RECOMPUTE_CHOICES = ("none", "selective", "full")
+FP8_RECIPES = ("none", "delayed", "tensorwise", "blockwise")
+FP8_BF16_PARTS = ("first", "last", "vision")
+
+
+def apply_fp8(config: TransformerConfig, recipe: str, bf16_parts: Sequence[str], backend: str) -> None:
+    """FP8 training of the decoder's linears through Transformer Engine (read by TE layers at forward).
+
+    `recipe`: 'delayed' (amax history, e4m3 forward / e5m2 backward = 'hybrid'), 'tensorwise' (current
+    per-tensor scaling) or 'blockwise' (per-block scaling), both e4m3. `bf16_parts`: 'first' / 'last' keep
+    the first / last decoder layer of each stage in bf16. The vision towers always stay in bf16: their
+    configs never take FP8 ('vision' is accepted to say so explicitly). Parameters stay bf16
+    (`fp8_param` off), so exports and weight sync are bf16.
+    """
+    if recipe not in FP8_RECIPES:
+        raise ValueError(f"fp8 recipe {recipe!r} is not one of {list(FP8_RECIPES)}")
+    unknown = sorted(set(bf16_parts) - set(FP8_BF16_PARTS))
+    if unknown:
+        raise ValueError(f"fp8_bf16_layers has unknown parts {unknown}; choose from {list(FP8_BF16_PARTS)}")
+    if recipe == "none":
+        return
+    if backend != "te":
+        raise ValueError(f"model.fp8={recipe!r} needs Transformer Engine layers (model.spec=te on a GPU with "
+                         f"transformer-engine installed); this model uses the {backend!r} spec")
+    first, last = "first" in bf16_parts, "last" in bf16_parts
+    if recipe == "delayed" and (first or last):
+        raise ValueError("model.fp8=delayed cannot keep the first/last layer in bf16 (Megatron limitation): "
+                         "drop 'first'/'last' from model.fp8_bf16_layers or use fp8=tensorwise")
+    config.fp8 = "hybrid" if recipe == "delayed" else "e4m3"
+    config.fp8_recipe = recipe
+    config.first_last_layers_bf16 = first or last
+    config.num_layers_at_start_in_bf16 = int(first)
+    config.num_layers_at_end_in_bf16 = int(last)
 
 
 def apply_recompute(config: TransformerConfig, recompute: str) -> None:
@@ -318,11 +350,14 @@ def build_stage(
     parallel_output: bool = True,
     sequence_parallel: bool = False,
     recompute: str = "none",
+    fp8: str = "none",
+    fp8_bf16_layers: Sequence[str] = ("first", "last", "vision"),
 ) -> VisionLanguageModel:
     """Build this rank's stage of `model_cls`, its decoder configured by `language_config(hf_text, ...)`.
 
     `recompute`: activation recompute of the decoder: 'none', 'selective' (core attention only) or
     'full' (every layer's activations, recomputed one layer at a time in backward).
+    `fp8`, `fp8_bf16_layers`: see `apply_fp8` (Transformer Engine only).
 
     Needs Megatron's parallel_state (`init_distributed`). `spec`: 'local' (Megatron's PyTorch modules,
     CPU), 'te' (Transformer Engine, GPU) or 'auto'. Weights are randomly initialised (load HF weights with
@@ -338,6 +373,7 @@ def build_stage(
         sequence_parallel=sequence_parallel,
     )
     apply_recompute(config, recompute)
+    apply_fp8(config, fp8, fp8_bf16_layers, backend)
     model = model_cls(
         hf_config,
         config,

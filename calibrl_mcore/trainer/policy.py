@@ -95,6 +95,8 @@ class MegatronPolicy:
             post_process=parallel_state.is_pipeline_last_stage(),
             spec=model_cfg.spec,
             recompute=model_cfg.recompute,
+            fp8=model_cfg.fp8,
+            fp8_bf16_layers=tuple(model_cfg.fp8_bf16_layers),
         )
         self.mapping = get_mapping(self.arch, self.hf_config, model.backend)
         self.placement = Placement.from_parallel_state(model.config)
