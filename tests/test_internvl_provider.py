@@ -57,23 +57,6 @@ def hf_models(checkpoints):
     return {variant: load_variant(checkpoints, variant) for variant in VARIANTS}
 
 
-@pytest.fixture(scope="module")
-def megatron_world():
-    """A one-process Megatron world (TP = PP = 1), unless one is already up."""
-    from megatron.core import parallel_state
-
-    from calibrl_mcore.parallel import ParallelConfig, destroy_distributed, init_distributed
-
-    owned = not parallel_state.model_parallel_is_initialized()
-    if owned:
-        init_distributed(ParallelConfig())
-    elif parallel_state.get_model_parallel_group().size() != 1:
-        pytest.skip("a model-parallel world is already initialised in this process")
-    yield
-    if owned:
-        destroy_distributed()
-
-
 def _megatron(hf_model):
     from model_providers import Placement, get_mapping, load_hf_weights
     from model_providers.internvl import build_internvl

@@ -5,19 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from calibrl_mcore.parallel import ParallelConfig, destroy_distributed, init_distributed
 from calibrl_mcore.trainer.batch import Row, chunk_by_length, collate, padding_fraction
 from calibrl_mcore.trainer.objective import token_logprobs, vocab_parallel_entropy
 
 
-@pytest.fixture(scope="module")
-def single_process():
-    init_distributed(ParallelConfig())
-    yield
-    destroy_distributed()
-
-
-def test_logprobs_and_entropy_match_log_softmax(single_process):
+def test_logprobs_and_entropy_match_log_softmax(megatron_world):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 5, 11, generator=g, requires_grad=True)
     labels = torch.randint(0, 11, (3, 5), generator=g)
@@ -53,7 +45,7 @@ def test_chunks_are_length_sorted():
     assert chunk_by_length(range(4), rows, 2) == [[1, 3], [2, 0]]
 
 
-def test_fused_logprobs_and_entropy_match_vocab_parallel_path(single_process):
+def test_fused_logprobs_and_entropy_match_vocab_parallel_path(megatron_world):
     from calibrl_mcore.trainer.objective import logprobs_and_entropy
 
     g = torch.Generator().manual_seed(1)
@@ -64,7 +56,7 @@ def test_fused_logprobs_and_entropy_match_vocab_parallel_path(single_process):
     torch.testing.assert_close(ent, vocab_parallel_entropy(logits), rtol=1e-6, atol=1e-6)
 
 
-def test_response_only_logprobs_equal_full_computation_on_the_mask(single_process):
+def test_response_only_logprobs_equal_full_computation_on_the_mask(megatron_world):
     from calibrl_mcore.trainer.objective import logprobs_and_entropy, response_logprobs_and_entropy
 
     g = torch.Generator().manual_seed(2)

@@ -7,7 +7,6 @@ import torch
 
 from calibrl_mcore.algo.aggregation import compute_loss_normalizer
 from calibrl_mcore.config import ModelConfig, OptimConfig
-from calibrl_mcore.parallel import ParallelConfig, destroy_distributed, init_distributed
 from calibrl_mcore.trainer.batch import Row, chunk_by_length, collate
 from calibrl_mcore.trainer.objective import sft_loss_fn
 from calibrl_mcore.trainer.policy import MegatronPolicy
@@ -16,10 +15,8 @@ from tools.make_tiny_model import make_tiny_model
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    init_distributed(ParallelConfig())
-    yield make_tiny_model("qwen2_5_vl", tmp_path_factory.mktemp("m") / "tiny", seed=0)
-    destroy_distributed()
+def tiny(tmp_path_factory, megatron_world):
+    return make_tiny_model("qwen2_5_vl", tmp_path_factory.mktemp("m") / "tiny", seed=0)
 
 
 def loss_and_grads(model_dir, recompute: str):

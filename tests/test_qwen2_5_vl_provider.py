@@ -44,23 +44,6 @@ def hf_model(hf_config):
 
 
 @pytest.fixture(scope="module")
-def megatron_world():
-    """A one-process Megatron world (TP = PP = 1), unless one is already up."""
-    from megatron.core import parallel_state
-
-    from calibrl_mcore.parallel import ParallelConfig, destroy_distributed, init_distributed
-
-    owned = not parallel_state.model_parallel_is_initialized()
-    if owned:
-        init_distributed(ParallelConfig())
-    elif parallel_state.get_model_parallel_group().size() != 1:
-        pytest.skip("a model-parallel world is already initialised in this process")
-    yield
-    if owned:
-        destroy_distributed()
-
-
-@pytest.fixture(scope="module")
 def megatron_model(megatron_world, hf_config, hf_model):
     from model_providers import Placement, build_qwen2_5_vl, get_mapping, load_hf_weights
 
