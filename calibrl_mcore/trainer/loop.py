@@ -61,8 +61,7 @@ class Trainer:
         self.position_ids = lambda ids, grid, attn: position_ids(self.policy.hf_config, ids, grid, attn)
         self.dataset = PromptDataset.from_path(cfg.data.train_path, max_images=cfg.data.max_images,
                                                seed=cfg.data.seed)
-        if self.dataset.num_skipped:
-            log.warning("%s: skipped %d corrupt rows", cfg.data.train_path, self.dataset.num_skipped)
+        # (PromptDataset logs the skipped corrupt rows itself; the count also goes into the metrics.)
         self.sampler = PromptSampler(len(self.dataset), seed=cfg.data.seed)
         self.eval_set = PromptDataset.from_path(cfg.data.eval_path, seed=cfg.data.seed) if cfg.data.eval_path else None
         self.step = 0
