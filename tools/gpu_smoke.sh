@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU smoke test for the lent machine (see ../shared/GPU.md): one call, everything under $OUT as JSON.
 #
-#   Prepare here (CPU):  pip download the cp312 wheels into .whl/ (tools/gpu_wheels.txt lists them)
+#   Prepare here (CPU):  pip download the cp312 wheels listed in tools/gpu_wheels.txt into .whl/
 #   Run there:           device run: bash tools/gpu_smoke.sh   (carry: [".whl"])
 #
 # It installs the carried wheels into /tmp/site, puts the repo on PYTHONPATH, then:
