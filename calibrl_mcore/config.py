@@ -129,6 +129,11 @@ class AlgoConfig:
     """RL-PLUS exploration weight exponent in (1 − π)^κ."""
     dynamic_sampling: bool = False
     """DAPO: drop groups whose rewards all agree (defaults to on for dapo)."""
+    overlong_buffer: int = 0
+    """DAPO soft overlong penalty: responses longer than max_new_tokens − buffer lose up to
+    overlong_penalty of reward, linearly (0 = off)."""
+    overlong_penalty: float = 1.0
+    """DAPO: the reward lost by a response of max_new_tokens tokens (with overlong_buffer > 0)."""
     alpha_schedule: str = "constant"
     """α over the run: constant | linear | cosine (alpha → alpha_final) | pass_rate (alpha_max → alpha_min as
     the group pass rate rises)."""

@@ -451,6 +451,32 @@ def test_nan_reward_names_the_sample(tiny, monkeypatch):
         stage.collect(0, examples, first_group_id=0)
 
 
+def test_dapo_overlong_penalty_enters_the_reward(tiny):
+    import dataclasses
+
+    from calibrl_mcore.config import load_config
+    from calibrl_mcore.data.dataset import PromptDataset
+    from calibrl_mcore.trainer import rollout_stage
+    from rollout.client import Sample
+
+    class FakeClient:  # sample j of each prompt has 10 * (j + 1) tokens, all correct and well formatted
+        def generate(self, prompts, params):
+            return [Sample(prompt_index=i, sample_index=j, output_ids=[11] * (10 * (j + 1)), logprobs=[-0.5] * 10 * (j + 1),
+                           text="<think>x</think><answer>1</answer>", finish_reason="stop", weight_version=0,
+                           prompt_tokens=0) for i in range(len(prompts)) for j in range(params["n"])]
+
+    cfg = load_config(CONFIG, ["rollout.n_samples=4", "rollout.max_new_tokens=40", "algo.overlong_buffer=20"])
+    stage = rollout_stage.RolloutStage(cfg.rollout, cfg.algo, str(tiny.model), FakeClient())
+    ex = PromptDataset.from_path(tiny.data)[0]
+    ex = dataclasses.replace(ex, answer="1")
+    rows, metrics = stage.collect(0, [ex], first_group_id=0)
+    base = rollout_stage.compute_reward("<think>x</think><answer>1</answer>", "1").reward
+    assert base == pytest.approx(1.1)
+    # lengths 10, 20, 30, 40 with max 40 and buffer 20: penalties 0, 0, -0.5, -1
+    assert [r.reward - base for r in rows if not r.is_expert] == pytest.approx([0.0, 0.0, -0.5, -1.0])
+    assert metrics["rollout/overlong_penalised_frac"] == pytest.approx(0.5)
+
+
 @pytest.mark.distributed
 def test_killed_rollout_server_is_restarted_and_step_retried(tiny, dp1_run):
     run_dir = tiny.root / "restart"

@@ -6,6 +6,7 @@ uses are the ones the server generated from (checked per sample against the serv
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from calibrl_mcore.algo.dapo import overlong_penalty
 from calibrl_mcore.config import AlgoConfig, RolloutConfig
 from calibrl_mcore.data.schema import Example
 from calibrl_mcore.data.template import as_expert_response, build_messages
@@ -113,7 +115,7 @@ class RolloutStage:
         samples = self._generate([{"text": p.text, "image_data": p.images} for p in inputs], params)
         rollout_s = time.perf_counter() - t0
         rows: list[Row] = []
-        gen_tokens = n_cut = 0
+        gen_tokens = n_cut = overlong = 0
         for s in samples:
             ex, inp = examples[s.prompt_index], inputs[s.prompt_index]
             if s.prompt_tokens and s.prompt_tokens != len(inp.prompt_ids):
@@ -128,6 +130,11 @@ class RolloutStage:
                 text = self.encoder.tokenizer.decode(ids, skip_special_tokens=True)
                 n_cut += 1
             r = compute_reward(text, ex.answer, format_weight=self.algo.format_weight)
+            if self.algo.overlong_buffer > 0:  # DAPO's soft overlong punishment, added to the reward
+                penalty = float(overlong_penalty(torch.tensor([len(s.output_ids)]), self.cfg.max_new_tokens,
+                                                 self.algo.overlong_buffer, self.algo.overlong_penalty)[0])
+                r = dataclasses.replace(r, reward=r.reward + penalty)
+                overlong += penalty < 0
             gen_tokens += len(s.output_ids)
             rows.append(self._row(ex, inp, first_group_id + s.prompt_index, False, ids, r,
                                   logprobs=logprobs, finish=finish, text=text))
@@ -143,6 +150,7 @@ class RolloutStage:
             "rollout/response_len": gen_tokens / max(len(samples), 1),
             "rollout/truncated_frac": sum(s.finish_reason == "length" for s in samples) / max(len(samples), 1),
             "rollout/cut_at_vision_token_frac": n_cut / max(len(samples), 1),
+            "rollout/overlong_penalised_frac": overlong / max(len(samples), 1),
             "rollout/weight_version": float(samples[0].weight_version or 0) if samples else 0.0,
             "expert/failed_verifier_frac": (sum(r.acc < 1 for r in rows if r.is_expert)
                                             / max(sum(r.is_expert for r in rows), 1)),
