@@ -307,6 +307,23 @@ class InternVisionEmbeddings(nn.Module):
         if hf_vision.use_absolute_position_embeddings:
             self.position_embedding = nn.Parameter(torch.zeros(1, num_patches + 1, hidden, dtype=dtype))
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Distributed checkpoints: every tensor is replicated over TP, with replica id (0, tp_rank, dp_rank).
+
+        A plain `nn.Module` falls back to `sharded_state_dict_default`, whose replica id takes the TP rank
+        from the `tp_group` argument only: without one every TP rank would claim to be the main replica
+        (0, 0, dp_rank), which `dist_checkpointing.save` rejects. Pass the TP group explicitly here.
+        """
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        return make_sharded_tensors_for_checkpoint(
+            self.state_dict(prefix="", keep_vars=True),
+            prefix,
+            {},  # nothing TP-split
+            sharded_offsets,
+            tp_group=parallel_state.get_tensor_model_parallel_group(),
+            dp_cp_group=metadata["dp_cp_group"],
+        )
+
     def forward(self, pixel_values: Tensor) -> Tensor:
         """pixel_values [n_tiles, C, H, W] -> tokens [s = 1 + patches, b = n_tiles, h]."""
         n, _, height, width = pixel_values.shape
@@ -342,7 +359,10 @@ class InternVisionModel(MegatronModule):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """Distributed checkpoints. Megatron's default recursion treats a plain `nn.ModuleList` as one
-        replicated blob (saving only TP rank 0's shards); recurse into each layer instead."""
+        replicated blob (saving only TP rank 0's shards); recurse into each layer instead. The TP group is
+        passed down so that replicated tensors of plain `nn.Module` children get per-TP-rank replica ids
+        (as `MegatronModule.sharded_state_dict` does); without it they would all be TP rank 0's."""
+        tp_group = getattr(self, "tp_group", None) or parallel_state.get_tensor_model_parallel_group()
         sharded = {}
         for name, module in self.named_children():
             if isinstance(module, nn.ModuleList):
@@ -350,7 +370,9 @@ class InternVisionModel(MegatronModule):
             else:
                 children = [(f"{prefix}{name}.", module)]
             for key, child in children:
-                sharded.update(sharded_state_dict_default(child, key, sharded_offsets, metadata))
+                sharded.update(
+                    sharded_state_dict_default(child, key, sharded_offsets, metadata, tp_group=tp_group)
+                )
         return sharded
 
     def forward(self, pixel_values: Tensor) -> Tensor:
