@@ -320,16 +320,16 @@ def _hybrid_loss(
     is_expert: torch.Tensor,
     off_policy_token_loss,
     *,
-    clip_low: float,
-    clip_high: float,
-    dual_clip: float | None,
-    agg: str,
-    normalizer: LossNormalizer | None,
-    entropy: torch.Tensor | None,
-    entropy_coef: float,
-    ref_logp: torch.Tensor | None,
-    kl_coef: float,
-    dp_group: dist.ProcessGroup | None,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = 3.0,
+    agg: str = "token-mean",
+    normalizer: LossNormalizer | None = None,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    dp_group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """On-policy rows: clipped PG; expert rows: ``off_policy_token_loss(logp, old_logp, adv)``.
 
@@ -366,20 +366,13 @@ def luffy_loss(
     is_expert: torch.Tensor,
     *,
     gamma: float = 0.1,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: float | None = 3.0,
-    agg: str = "token-mean",
-    normalizer: LossNormalizer | None = None,
-    entropy: torch.Tensor | None = None,
-    entropy_coef: float = 0.0,
-    ref_logp: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    dp_group: dist.ProcessGroup | None = None,
+    **options,
 ) -> tuple[torch.Tensor, Metrics]:
     """LUFFY: expert rows trained off-policy with policy shaping −A_e · π/(π + γ), π = exp(log π).
 
     ``advantages`` should come from :func:`compute_group_advantages` with ``include_expert_in_stats``.
+    ``options``: clip_low, clip_high, dual_clip, agg, normalizer, entropy, entropy_coef, ref_logp, kl_coef,
+    dp_group, with the meanings and defaults of :func:`grpo_loss`.
     """
     if gamma <= 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
@@ -388,11 +381,7 @@ def luffy_loss(
         prob = torch.exp(lp)
         return -adv * prob / (prob + gamma)
 
-    return _hybrid_loss(
-        logp, old_logp, advantages, response_mask, is_expert, shaped,
-        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, normalizer=normalizer,
-        entropy=entropy, entropy_coef=entropy_coef, ref_logp=ref_logp, kl_coef=kl_coef, dp_group=dp_group,
-    )
+    return _hybrid_loss(logp, old_logp, advantages, response_mask, is_expert, shaped, **options)
 
 
 def rlplus_loss(
@@ -403,19 +392,11 @@ def rlplus_loss(
     is_expert: torch.Tensor,
     *,
     exploration_exponent: float = 0.5,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: float | None = 3.0,
-    agg: str = "token-mean",
-    normalizer: LossNormalizer | None = None,
-    entropy: torch.Tensor | None = None,
-    entropy_coef: float = 0.0,
-    ref_logp: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    dp_group: dist.ProcessGroup | None = None,
+    **options,
 ) -> tuple[torch.Tensor, Metrics]:
     """RL-PLUS: expert tokens use the mixed importance ratio 2π / (π_old + ½(π_old + 1)), weighted by the
     exploration factor (1 − π)^κ (κ = 0.5, detached): loss = −A_e · (1 − π)^κ · ratio.
+    ``options`` as in :func:`luffy_loss`.
     """
 
     def mixed_ratio(lp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
@@ -425,11 +406,7 @@ def rlplus_loss(
         explore = (1.0 - prob.detach()).clamp(min=0.0) ** exploration_exponent
         return -adv * explore * ratio
 
-    return _hybrid_loss(
-        logp, old_logp, advantages, response_mask, is_expert, mixed_ratio,
-        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, normalizer=normalizer,
-        entropy=entropy, entropy_coef=entropy_coef, ref_logp=ref_logp, kl_coef=kl_coef, dp_group=dp_group,
-    )
+    return _hybrid_loss(logp, old_logp, advantages, response_mask, is_expert, mixed_ratio, **options)
 
 
 LOSS_FNS = {
