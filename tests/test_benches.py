@@ -36,3 +36,10 @@ def test_trainer_bench_runs_on_cpu(tmp_path):
     r = run_bench("trainer.py", "--layers", "1", "--hidden", "64", "--rows", "8", "--repeats", "1",
                   out=tmp_path / "t.json")
     assert r["ours_over_bare"] > 0
+
+
+def test_logprob_bench_runs_on_cpu(tmp_path):
+    r = run_bench("logprob.py", "--device", "cpu", "--tokens", "40", "--vocab", "96", "--chunks", "16",
+                  "--repeats", "1", out=tmp_path / "lp.json")
+    assert set(r["results"]) == {"unfused", "fused_chunk16"}
+    assert r["max_abs_diff_vs_unfused"]["fused_chunk16"]["logp"] < 1e-5
