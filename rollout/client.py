@@ -150,6 +150,64 @@ class RolloutClient:
         params = {} if weight_version is None else {"weight_version": str(weight_version)}
         return [self._post("/update_weights_from_tensor", payload, url=url, params=params) for url in self.urls]
 
+    # Weight sync over a collective (SGLang's routes; rollout/weight_group.py). The caller is rank 0
+    # of the group and must join it while these requests are in flight: call them from a thread.
+    def server_ranks(self) -> list[int]:
+        """Ranks each server contributes to a weight-update group: SGLang's `tp_size` from
+        `/get_server_info` (its workers join as rank_offset + tp_rank); 1 where the route is missing
+        (the embedded server)."""
+        ranks = []
+        for url in self.urls:
+            try:
+                response = self._http.get(url + "/get_server_info", timeout=30.0)
+                info = response.json() if response.status_code == 200 else {}
+            except (httpx.HTTPError, ValueError):
+                info = {}
+            ranks.append(int(info.get("tp_size", 1)) if isinstance(info, dict) else 1)
+        return ranks
+
+    def init_weights_update_group(
+        self, master_address: str, master_port: int, rank_offsets: list[int], world_size: int,
+        group_name: str = "weight_update_group", backend: str = "nccl",
+    ) -> list[dict[str, Any]]:
+        """Every server joins the group as ranks rank_offsets[i]...; all requests go out at once
+        (the rendezvous needs every rank), and this returns when all servers answered."""
+        if len(rank_offsets) != len(self.urls):
+            raise ValueError(f"rank_offsets: {len(rank_offsets)} entries for {len(self.urls)} servers")
+        return self._post_all("/init_weights_update_group", [
+            {"master_address": master_address, "master_port": master_port, "rank_offset": offset,
+             "world_size": world_size, "group_name": group_name, "backend": backend} for offset in rank_offsets])
+
+    def update_weights_from_distributed(
+        self, names: list[str], dtypes: list[str], shapes: list[list[int]], group_name: str = "weight_update_group",
+        flush_cache: bool = True, weight_version: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Announce a bucket to every server; rank 0 then broadcasts one tensor per name, in order."""
+        body: dict[str, Any] = {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
+                                "flush_cache": flush_cache}
+        if weight_version is not None:
+            body["weight_version"] = str(weight_version)  # SGLang keeps versions as strings
+        return self._post_all("/update_weights_from_distributed", [body] * len(self.urls))
+
+    def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> list[dict[str, Any]]:
+        return self._post_all("/destroy_weights_update_group", [{"group_name": group_name}] * len(self.urls))
+
+    def _post_all(self, route: str, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """POST bodies[i] to server i, all at once (no retries: a half-joined collective cannot be redone)."""
+        futures = [self._pool.submit(self._post, route, body, url, None, 0) for url, body in zip(self.urls, bodies)]
+        return [f.result() for f in futures]
+
+    def get_model_info(self) -> list[dict[str, Any]]:
+        """`GET /get_model_info` of every server (the embedded one reports its `device`)."""
+        infos = []
+        for url in self.urls:
+            response = self._http.get(url + "/get_model_info", timeout=30.0)
+            if response.status_code >= 400:
+                raise RolloutRequestError(f"{url}/get_model_info: {response.status_code} {response.text}",
+                                          response.status_code, _json_or_text(response))
+            infos.append(response.json())
+        return infos
+
     def health(self) -> dict[str, bool]:
         result = {}
         for url in self.urls:
@@ -174,10 +232,12 @@ class RolloutClient:
         with self._cycle_lock:
             return self.urls[next(self._cycle)]
 
-    def _post(self, route: str, body: Any, url: str | None = None, params: dict[str, str] | None = None) -> Any:
+    def _post(self, route: str, body: Any, url: str | None = None, params: dict[str, str] | None = None,
+              max_retries: int | None = None) -> Any:
         """POST with retries; a pinned `url` is retried on itself, otherwise on the next server."""
         last_error: Exception | None = None
-        for attempt in range(self.max_retries + 1):
+        max_retries = self.max_retries if max_retries is None else max_retries
+        for attempt in range(max_retries + 1):
             target = url or self._next_url()
             try:
                 if isinstance(body, bytes):
@@ -195,9 +255,9 @@ class RolloutClient:
                                               response.status_code, _json_or_text(response))
                 last_error = RolloutRequestError(f"{target}{route}: {response.status_code} {response.text}",
                                                  response.status_code, _json_or_text(response))
-            if attempt < self.max_retries:
+            if attempt < max_retries:
                 time.sleep(self.backoff * (2**attempt))
-        raise RolloutRequestError(f"{route}: gave up after {self.max_retries + 1} attempts: {last_error!r}")
+        raise RolloutRequestError(f"{route}: gave up after {max_retries + 1} attempts: {last_error!r}")
 
 
 def _json_or_text(response: httpx.Response) -> Any:

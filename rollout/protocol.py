@@ -188,6 +188,63 @@ class UpdateWeightsFromTensorIn(_Strict):
     abort_all_requests: bool = False
 
 
+class InitWeightsUpdateGroupIn(_Strict):
+    """`POST /init_weights_update_group` (SGLang's fields): join the trainer's broadcast group as rank
+    `rank_offset` of `world_size` (the trainer is rank 0 and hosts the store at master_address:port)."""
+
+    master_address: str = Field(min_length=1)
+    master_port: int = Field(gt=0, lt=65536)
+    rank_offset: int = Field(ge=1)
+    world_size: int = Field(ge=2)
+    group_name: str = Field("weight_update_group", min_length=1)
+    backend: Literal["gloo", "nccl"] = "nccl"
+
+    def check_rank(self) -> None:
+        """(Not a validator: pydantic would turn the error into a 'body' error without the field.)"""
+        if self.rank_offset >= self.world_size:
+            raise EngineInputError("rank_offset", f"{self.rank_offset} is not below world_size={self.world_size}")
+
+
+class DestroyWeightsUpdateGroupIn(_Strict):
+    group_name: str = "weight_update_group"
+
+
+class UpdateWeightsFromDistributedIn(_Strict):
+    """`POST /update_weights_from_distributed` (SGLang's fields): after this request, rank 0 of
+    `group_name` broadcasts one tensor per name, in order, with the given dtypes and shapes."""
+
+    names: list[str] = Field(min_length=1)
+    dtypes: list[str]
+    shapes: list[list[int]]
+    group_name: str = "weight_update_group"
+    flush_cache: bool = True
+    weight_version: int | None = None  # SGLang sends a string; numeric strings are accepted
+    # Accepted for SGLang compatibility; in-flight requests continue either way.
+    abort_all_requests: bool = False
+    load_format: str | None = None
+    torch_empty_cache: bool = False
+
+    def tensor_specs(self) -> list[tuple[str, Any, tuple[int, ...]]]:
+        """(name, torch dtype, shape) per tensor; a bad entry raises naming its field."""
+        from rollout.weight_group import parse_dtype
+
+        for field_name in ("dtypes", "shapes"):
+            if len(getattr(self, field_name)) != len(self.names):
+                raise EngineInputError(field_name, f"has {len(getattr(self, field_name))} entries; names has "
+                                       f"{len(self.names)}")
+        specs = []
+        for i, (name, dtype_name, shape) in enumerate(zip(self.names, self.dtypes, self.shapes)):
+            dtype = parse_dtype(dtype_name)
+            if dtype is None:
+                raise EngineInputError(f"dtypes[{i}]", f"{dtype_name!r} is not a torch dtype")
+            if any(d < 0 for d in shape):
+                raise EngineInputError(f"shapes[{i}]", f"{shape} has a negative dimension")
+            specs.append((name, dtype, tuple(shape)))
+        if len(set(self.names)) != len(self.names):
+            raise EngineInputError("names", "names repeat")
+        return specs
+
+
 # --------------------------------------------------------------------------------------------------
 # OpenAI-compatible chat completions
 # --------------------------------------------------------------------------------------------------

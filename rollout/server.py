@@ -14,6 +14,12 @@ Routes (SGLang field names; see rollout/protocol.py for the exact request models
   POST /update_weights_from_tensor   application/octet-stream body = one safetensors file
                                      (?weight_version=V), or JSON {serialized_named_tensors:
                                      [base64 safetensors, ...], load_format: "safetensors", weight_version?}
+  POST /init_weights_update_group    {master_address, master_port, rank_offset, world_size, group_name,
+                                     backend: gloo|nccl}: join the trainer's broadcast group (returns
+                                     once the trainer joined too; rollout/weight_group.py)
+  POST /update_weights_from_distributed  {names, dtypes, shapes, group_name, flush_cache?, weight_version?}:
+                                     receive one broadcast per name from rank 0, in order, then load
+  POST /destroy_weights_update_group {group_name}
   GET|POST /flush_cache, GET /health, GET /get_model_info
   POST /v1/chat/completions, GET /v1/models   (OpenAI-compatible; images as base64 data URLs)
 Auth: with --api-key, every route except GET /health needs `Authorization: Bearer K`.
@@ -40,12 +46,16 @@ from pydantic import ValidationError
 from rollout.engines.base import EngineInputError, GenerateRequest, RolloutEngine, SampleOutput
 from rollout.protocol import (
     ChatCompletionIn,
+    DestroyWeightsUpdateGroupIn,
     GenerateIn,
+    InitWeightsUpdateGroupIn,
     UpdateWeightsFromDiskIn,
+    UpdateWeightsFromDistributedIn,
     UpdateWeightsFromTensorIn,
     decode_image,
     generate_item,
 )
+from rollout.weight_group import WeightUpdateGroups
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +168,36 @@ def create_app(engine: RolloutEngine, api_key: str | None = None) -> FastAPI:
         named = await run_in_threadpool(_load_safetensors, payloads)
         new_version = await run_in_threadpool(engine.update_weights_from_tensors, named, version)
         return {"success": True, "message": f"Updated {len(named)} tensors.", "weight_version": new_version}
+
+    groups = WeightUpdateGroups(getattr(engine, "device", "cpu"))
+
+    @app.post("/init_weights_update_group", dependencies=auth)
+    async def init_weights_update_group(body: InitWeightsUpdateGroupIn) -> dict[str, Any]:
+        body.check_rank()
+        # Blocks (in a worker thread) until the trainer joined the group too; the trainer sends this
+        # request from a thread and joins at the same time.
+        await run_in_threadpool(groups.init, body.master_address, body.master_port, body.rank_offset,
+                                body.world_size, body.group_name, body.backend)
+        return {"success": True, "message": "Succeeded to initialize custom process group."}
+
+    @app.post("/update_weights_from_distributed", dependencies=auth)
+    async def update_weights_from_distributed(body: UpdateWeightsFromDistributedIn) -> dict[str, Any]:
+        # Everything is checked before the transfer: a refused request never consumes a broadcast.
+        specs = body.tensor_specs()
+        groups.get(body.group_name)
+        check = getattr(engine, "weight_targets", None)
+        if check is not None:
+            await run_in_threadpool(check, [(name, shape) for name, _, shape in specs], "names[{i}]", "shapes[{i}]")
+        named = await run_in_threadpool(groups.receive, body.group_name, specs)
+        version = await run_in_threadpool(engine.update_weights_from_tensors, named, body.weight_version)
+        if body.flush_cache:
+            await run_in_threadpool(engine.flush_cache)
+        return {"success": True, "message": f"Updated {len(named)} tensors.", "weight_version": version}
+
+    @app.post("/destroy_weights_update_group", dependencies=auth)
+    async def destroy_weights_update_group(body: DestroyWeightsUpdateGroupIn) -> dict[str, Any]:
+        await run_in_threadpool(groups.destroy, body.group_name)
+        return {"success": True, "message": "Succeeded to destroy custom process group."}
 
     @app.get("/v1/models", dependencies=auth)
     async def list_models() -> dict[str, Any]:

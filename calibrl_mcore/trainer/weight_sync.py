@@ -1,44 +1,93 @@
 """Trainer -> rollout server weight sync.
 
-method "tensor" (the embedded server): each pipeline stage exports its own parameters under HF names,
-gathered over TP one tensor at a time (`hf_mapping.gather_megatron_to_hf`); the stage's (DP 0, TP 0)
-rank pushes them to every server in buckets of at most `bucket_mb` (safetensors payloads on
-`/update_weights_from_tensor`), so no rank ever holds a full-model copy. Each bucket carries the new
-weight version; servers report it with every response.
+Every method starts the same way: each pipeline stage exports its own parameters under HF names,
+gathered over TP one tensor at a time (`hf_mapping.gather_megatron_to_hf`), and the stage's
+(DP 0, TP 0) rank sends them in buckets of at most `bucket_mb`, so no rank ever holds a full-model
+copy. Each bucket carries the new weight version; servers report it with every response.
 
-method "disk" (SGLang / vLLM): the policy is written as an HF checkpoint (`export_hf`, one shard per
-stage) and every server reloads it through `/update_weights_from_disk`. Slower, but it only needs the
-servers' stock routes; a shared file system between trainer and servers is assumed.
+method "tensor" (the embedded server): buckets are safetensors payloads on `/update_weights_from_tensor`.
+
+method "distributed" (SGLang's `/init_weights_update_group` + `/update_weights_from_distributed`, and
+the embedded server's copy of those routes): at the first push each stage's pusher hosts a
+weight-update group (rollout/weight_group.py) in which it is rank 0 and the servers' ranks follow
+(server i joins as ranks `1 + sum(ranks of servers < i)` onwards; an SGLang server has `tp_size` ranks,
+the embedded server 1). Per bucket the pusher POSTs the names/dtypes/shapes and, while that request is
+in flight, broadcasts the tensors in the same order; the servers receive straight into their weights'
+loading path. With PP > 1 every stage's pusher owns its own group (`<group_name>_pp<stage>`), so the
+stages send in parallel and nothing is gathered across stages. The backend is gloo for CPU tensors and
+NCCL for CUDA ones; an SGLang server needs NCCL, i.e. a network path between the trainer's GPUs and
+the server's GPUs (NCCL_SOCKET_IFNAME / IB as for the trainer itself). If a server refuses a bucket,
+the broadcast is abandoned, the group torn down, and the next push joins a fresh one.
+
+method "disk" (SGLang / vLLM without a collective): the policy is written as an HF checkpoint
+(`export_hf`, one shard per stage) and every server reloads it through `/update_weights_from_disk`.
+Slower, but it only needs the servers' stock routes; a shared file system is assumed.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import socket
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
+import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from calibrl_mcore.trainer.export import export_hf
 from rollout.client import RolloutClient
+from rollout.launcher import free_port
+from rollout.weight_group import broadcast_async, close_group, create_group, dtype_name
+
+METHODS = ("tensor", "disk", "distributed")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 class WeightSync:
-    def __init__(self, policy, urls: list[str], *, api_key: str = "", bucket_mb: int = 64,
-                 timeout_s: float = 600.0, max_retries: int = 3, method: str = "tensor",
-                 src_dir: str | Path | None = None, stage_dir: str | Path | None = None) -> None:
-        if method not in ("tensor", "disk"):
-            raise ValueError(f"weight sync method {method!r} is not one of tensor, disk")
+    def __init__(
+        self,
+        policy,
+        urls: list[str],
+        *,
+        api_key: str = "",
+        bucket_mb: int = 64,
+        timeout_s: float = 600.0,
+        max_retries: int = 3,
+        method: str = "tensor",
+        src_dir: str | Path | None = None,
+        stage_dir: str | Path | None = None,
+        group_name: str = "calibrl_weights",
+        backend: str = "auto",
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"weight sync method {method!r} is not one of {', '.join(METHODS)}")
         if method == "disk" and (src_dir is None or stage_dir is None):
             raise ValueError("disk weight sync needs src_dir (config/tokenizer source) and stage_dir")
-        self.policy, self.method = policy, method
+        if backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"weight sync backend {backend!r} is not one of auto, gloo, nccl")
+        self.policy, self.method, self.timeout_s = policy, method, timeout_s
         self.src_dir, self.stage_dir = src_dir, Path(stage_dir) if stage_dir else None
         self.bucket_bytes = bucket_mb * 2**20
-        self.pusher = (parallel_state.get_data_parallel_rank() == 0
-                       and parallel_state.get_tensor_model_parallel_rank() == 0)
+        self.pusher = (
+            parallel_state.get_data_parallel_rank() == 0
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+        )
         if method == "disk":
             self.pusher = dist.get_rank() == 0  # one reload request per server
-        self.client = (RolloutClient(urls, api_key=api_key or None, timeout=timeout_s, max_retries=max_retries)
-                       if self.pusher else None)
+        self.client = (
+            RolloutClient(urls, api_key=api_key or None, timeout=timeout_s, max_retries=max_retries)
+            if self.pusher
+            else None
+        )
+        # distributed: this pusher's group (it is rank 0), joined at the first push.
+        self.group_name = f"{group_name}_pp{parallel_state.get_pipeline_model_parallel_rank()}"
+        self.backend = backend
+        self._group: Any = None
+        self._backend: str | None = None
 
     def push(self, version: int) -> None:
         """Every rank calls this: DP-0 ranks gather over TP, TP-0 of each stage sends its buckets."""
@@ -49,19 +98,125 @@ class WeightSync:
             dist.barrier()
             return
         if parallel_state.get_data_parallel_rank() == 0:
+            send = self._send_tensors if self.method == "tensor" else self._broadcast_bucket
+            if self.client is not None and self.method == "distributed" and self._group is None:
+                self._join_group()
             bucket, size = [], 0
             for name, tensor in self.policy.iter_hf_weights():
                 if self.client is None:
                     continue  # TP peers only take part in the gathers
-                bucket.append((name, tensor.cpu()))
+                bucket.append((name, tensor))
                 size += tensor.numel() * tensor.element_size()
                 if size >= self.bucket_bytes:
-                    self.client.update_weights_from_tensors(bucket, weight_version=version)
+                    send(bucket, version)
                     bucket, size = [], 0
             if self.client is not None and bucket:
-                self.client.update_weights_from_tensors(bucket, weight_version=version)
+                send(bucket, version)
         dist.barrier()
 
     def close(self) -> None:
+        if self._group is not None:
+            self._leave_group()
         if self.client is not None:
             self.client.close()
+
+    # ----------------------------------------------------------------------------------------------
+    def _send_tensors(self, bucket: list[tuple[str, torch.Tensor]], version: int) -> None:
+        self.client.update_weights_from_tensors([(n, t.cpu()) for n, t in bucket], weight_version=version)
+
+    def _join_group(self) -> None:
+        """Host the group (rank 0) while every server joins it (the request runs in a thread)."""
+        ranks = self.client.server_ranks()
+        offsets = [1 + sum(ranks[:i]) for i in range(len(ranks))]
+        world_size = 1 + sum(ranks)
+        backend = self._pick_backend()
+        address, port = _address_towards(self.client.urls[0]), free_port()
+        group = _together(
+            lambda: self.client.init_weights_update_group(
+                address, port, offsets, world_size, self.group_name, backend
+            ),
+            lambda: create_group(address, port, 0, world_size, self.group_name, backend, self.timeout_s),
+            self.timeout_s,
+            what=f"joining weight-update group {self.group_name!r} at {address}:{port}",
+        )
+        self._group, self._backend = group, backend
+
+    def _broadcast_bucket(self, bucket: list[tuple[str, torch.Tensor]], version: int) -> None:
+        device = "cpu" if self._backend == "gloo" else torch.cuda.current_device()
+        tensors = [t.detach().to(device).contiguous() for _, t in bucket]
+        group = self._group
+        try:
+            _together(
+                lambda: self.client.update_weights_from_distributed(
+                    [n for n, _ in bucket],
+                    [dtype_name(t.dtype) for t in tensors],
+                    [list(t.shape) for t in tensors],
+                    self.group_name,
+                    weight_version=version,
+                ),
+                lambda: [work.wait() for work in broadcast_async(group, tensors)],
+                self.timeout_s,
+                what=f"broadcasting {len(tensors)} tensors over {self.group_name!r}",
+            )
+        except Exception:
+            self._leave_group()  # the servers may hold a half-used group: start over at the next push
+            raise
+
+    def _leave_group(self) -> None:
+        group, self._group = self._group, None
+        try:
+            self.client.destroy_weights_update_group(self.group_name)
+        except Exception:  # noqa: BLE001 - best effort: a server may never have joined
+            pass
+        close_group(group)
+
+    def _pick_backend(self) -> str:
+        """gloo on a CPU trainer, or when every server says it runs on the CPU; NCCL otherwise."""
+        if self.backend != "auto":
+            return self.backend
+        if not torch.cuda.is_available():
+            return "gloo"
+        devices = [str(info.get("device", "cuda")) for info in self.client.get_model_info()]
+        return "gloo" if all(d.startswith("cpu") for d in devices) else "nccl"
+
+
+def _address_towards(url: str) -> str:
+    """This host's address as seen from the server at `url` (the interface that routes to it)."""
+    host = urlsplit(url).hostname or "127.0.0.1"
+    if host in LOOPBACK_HOSTS:
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, 9))  # UDP: picks the route, sends nothing
+        return probe.getsockname()[0]
+
+
+def _in_thread(fn: Callable[[], Any]) -> concurrent.futures.Future:
+    """Run fn in a daemon thread (a collective stuck on a vanished peer must not block exit)."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+            future.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True, name="weight-sync").start()
+    return future
+
+
+def _together(remote: Callable[[], Any], local: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """Run the servers' HTTP request and this rank's side of the collective at the same time.
+
+    Both block until the other side is in the collective too, so neither may wait for the other to
+    finish first. The first failure wins: a server that refused the request never joins, and this
+    rank's side would otherwise wait for it until the group's timeout."""
+    futures = [_in_thread(remote), _in_thread(local)]
+    done, _ = concurrent.futures.wait(
+        futures, timeout=timeout_s, return_when=concurrent.futures.FIRST_EXCEPTION
+    )
+    for future in futures:
+        if future in done and future.exception() is not None:
+            raise future.exception()
+    if len(done) < len(futures):
+        raise TimeoutError(f"{what}: no answer within {timeout_s:.0f} s")
+    return futures[1].result()

@@ -165,23 +165,10 @@ class EmbeddedEngine(RolloutEngine):
     def update_weights_from_tensors(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: int | None = None
     ) -> int:
-        # remove_duplicate=False: a tied lm_head.weight is addressable under its own name too.
-        params = dict(self.model.named_parameters(remove_duplicate=False))
-        params.update(dict(self.model.named_buffers(remove_duplicate=False)))
         # Check everything before copying anything, so a bad payload leaves the model untouched.
-        staged: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for name, tensor in named_tensors:
-            target = params.get(name)
-            if target is None:
-                target = params.get(_legacy_hf_name(name, params))
-            if target is None:
-                raise EngineInputError("named_tensors", f"unknown parameter {name!r}")
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise EngineInputError(
-                    "named_tensors",
-                    f"{name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}",
-                )
-            staged.append((target, tensor))
+        named = list(named_tensors)
+        targets = self.weight_targets([(name, tuple(t.shape)) for name, t in named])
+        staged = [(target, tensor) for target, (_, tensor) in zip(targets, named)]
         if not staged:
             raise EngineInputError("named_tensors", "no tensors given")
         with self._model_lock, torch.no_grad():
@@ -189,6 +176,27 @@ class EmbeddedEngine(RolloutEngine):
                 target.copy_(tensor.to(device=target.device, dtype=target.dtype))
             self.weight_version = self.weight_version + 1 if weight_version is None else int(weight_version)
             return self.weight_version
+
+    def weight_targets(
+        self, specs: list[tuple[str, tuple[int, ...]]], name_field: str = "named_tensors", shape_field: str = ""
+    ) -> list[torch.Tensor]:
+        """The model tensor of each (HF name, shape); an unknown name or a wrong shape raises naming
+        `name_field` / `shape_field` (with `{i}` filled in, e.g. "shapes[{i}]")."""
+        # remove_duplicate=False: a tied lm_head.weight is addressable under its own name too.
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        params.update(dict(self.model.named_buffers(remove_duplicate=False)))
+        targets = []
+        for i, (name, shape) in enumerate(specs):
+            target = params.get(name)
+            if target is None:
+                target = params.get(_legacy_hf_name(name, params))
+            if target is None:
+                raise EngineInputError(name_field.format(i=i), f"unknown parameter {name!r}")
+            if tuple(shape) != tuple(target.shape):
+                raise EngineInputError((shape_field or name_field).format(i=i),
+                                       f"{name!r} has shape {tuple(shape)}, the model expects {tuple(target.shape)}")
+            targets.append(target)
+        return targets
 
     def model_info(self) -> dict[str, Any]:
         return {
