@@ -85,6 +85,10 @@ class RolloutConfig:
     """API key for weight-update routes ('' = none)."""
     weight_sync_bucket_mb: int = 64
     """weights are pushed to the server in buckets of at most this size."""
+    weight_sync_method: str = "auto"
+    """auto | tensor | disk | distributed. auto = tensor (HTTP safetensors) for the embedded engine, disk
+    (HF checkpoint reload) for sglang/vllm; distributed = broadcast over a gloo/NCCL group joined through
+    /init_weights_update_group (embedded or SGLang; SGLang needs NCCL between trainer and server GPUs)."""
     server_device: str = "cpu"
     """device of the embedded server the trainer starts ('cpu', 'cuda', 'cuda:1', ...)."""
     server_dtype: str = "float32"

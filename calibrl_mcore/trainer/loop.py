@@ -36,7 +36,7 @@ from calibrl_mcore.trainer.metrics import MetricsLogger, from_last_stage, mean_o
 from calibrl_mcore.trainer.objective import logprob_fn, rl_loss_fn
 from calibrl_mcore.trainer.policy import MegatronPolicy, MicroBatch
 from calibrl_mcore.trainer.rollout_stage import RolloutFailure, RolloutStage
-from calibrl_mcore.trainer.weight_sync import WeightSync
+from calibrl_mcore.trainer.weight_sync import WeightSync, sync_method
 from model_providers.registry import position_ids
 from rollout.client import RolloutClient
 from rollout.launcher import start_rollout_server
@@ -83,7 +83,7 @@ class Trainer:
         self.pad_id = pad[0]
         self.sync = WeightSync(self.policy, urls[0], api_key=cfg.rollout.api_key,
                                bucket_mb=cfg.rollout.weight_sync_bucket_mb, timeout_s=cfg.rollout.timeout_s,
-                               method="tensor" if cfg.rollout.engine == "embedded" else "disk",
+                               method=sync_method(cfg.rollout.weight_sync_method, cfg.rollout.engine),
                                src_dir=cfg.model.hf_path, stage_dir=self.run_dir / "weight_sync")
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_rank0, tensorboard=cfg.train.tensorboard,
