@@ -2,6 +2,14 @@
 
 SGLang serves the rollout API natively (it is the API's reference), so the trainer talks to it exactly
 as to the embedded engine; this class only starts it, restarts it (bounded) and syncs weights.
+
+Weight sync (`rollout.weight_sync_method`): "disk" (the default for SGLang) reloads an exported HF
+checkpoint; "distributed" uses SGLang's `/init_weights_update_group` + `/update_weights_from_distributed`:
+the trainer's pusher is rank 0 of an NCCL group, this server's TP workers join as ranks
+`rank_offset + tp_rank`, and every bucket is broadcast GPU to GPU. That needs NCCL connectivity between
+the trainer's GPU and the server's GPUs (same node, or the network NCCL uses between nodes) and the
+trainer's host reachable on the group's TCP port. With PP > 1 each trainer stage owns a group of its own
+(`<name>_pp<stage>`), which needs an SGLang recent enough to keep several named groups.
 """
 
 from __future__ import annotations
@@ -49,6 +57,26 @@ class SGLangServer(ExternalServer):
         if weight_version is not None:
             body["weight_version"] = str(weight_version)
         return self._post("/update_weights_from_tensor", body)
+
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                  group_name: str = "weight_update_group", backend: str = "nccl") -> dict[str, Any]:
+        """Join the trainer's group (blocks until the trainer, rank 0, joins too: call it from a thread)."""
+        return self._post("/init_weights_update_group", {
+            "master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
+            "world_size": world_size, "group_name": group_name, "backend": backend})
+
+    def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                                        group_name: str = "weight_update_group", flush_cache: bool = True,
+                                        weight_version: int | None = None) -> dict[str, Any]:
+        """Announce a bucket; rank 0 then broadcasts one tensor per name, in order (from another thread)."""
+        body: dict[str, Any] = {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
+                                "flush_cache": flush_cache}
+        if weight_version is not None:
+            body["weight_version"] = str(weight_version)
+        return self._post("/update_weights_from_distributed", body)
+
+    def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> dict[str, Any]:
+        return self._post("/destroy_weights_update_group", {"group_name": group_name})
 
     def flush_cache(self) -> dict[str, Any]:
         return self._post("/flush_cache", {})
