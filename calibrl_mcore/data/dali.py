@@ -404,11 +404,9 @@ def _cuda_index(device: torch.device | int | None) -> int:
     """CUDA device index of `device` (None / "cuda" without an index: the current device)."""
     if isinstance(device, int):
         return device
-    if device is None or device.index is None:
-        return torch.cuda.current_device()
-    if device.type != "cuda":
+    if device is not None and device.type != "cuda":
         raise ValueError(f"DALI runs on a CUDA device, got {device}")
-    return device.index
+    return torch.cuda.current_device() if device is None or device.index is None else device.index
 
 
 def preprocess_images_dali(
@@ -430,7 +428,7 @@ def preprocess_images_dali(
         results[i] = preprocess_images_pil([images[i]], spec)[0].to(device)
 
     with_thumbnail = spec.mode == "tiles" and spec.crop_to_tiles
-    pipe = _dali_pipeline(device_id, spec.image_mean, spec.image_std, with_thumbnail)
+    pipe = _dali_pipeline(device_id, spec.image_mean, spec.image_std, with_thumbnail) if on_gpu else None
     for start in range(0, len(on_gpu), _DALI_MAX_BATCH):
         chunk = on_gpu[start : start + _DALI_MAX_BATCH]
         pipe.feed_input("encoded", [np.frombuffer(headers[i].data, dtype=np.uint8) for i in chunk])
