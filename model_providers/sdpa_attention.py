@@ -45,6 +45,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 from torch import Tensor
 
+from .context_parallel import cp_size_rank, gather_for_cp, local_chunks
+
 _CAUSAL_TYPES = (AttnMaskType.causal, AttnMaskType.causal_bottom_right)
 
 
@@ -64,7 +66,6 @@ class SDPACoreAttention(MegatronModule):
     ) -> None:
         super().__init__(config=config)
         unsupported = {
-            "context_parallel_size > 1": config.context_parallel_size != 1,
             f"softmax_type={config.softmax_type!r}": config.softmax_type != "vanilla",
             f"window_size={config.window_size}": config.window_size is not None,
         }
@@ -77,9 +78,10 @@ class SDPACoreAttention(MegatronModule):
         self.attention_type = attention_type  # unused, as in the local spec
 
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
         self.pg_collection = pg_collection
         self.tp_group = pg_collection.tp
+        self.cp_group = getattr(pg_collection, "cp", None) if config.context_parallel_size > 1 else None
         tp_size = self.tp_group.size()
         self.head_dim = config.kv_channels  # hn
         self.num_heads = divide(config.num_attention_heads, tp_size)  # np: query heads on this rank
@@ -104,14 +106,47 @@ class SDPACoreAttention(MegatronModule):
         if attention_bias is not None:
             raise NotImplementedError("attention_bias is not supported (nor by the local spec)")
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
-        sq, b, heads, _ = query.shape
-        sk, groups = key.size(0), key.size(2)
+        heads, groups = query.size(2), key.size(2)
         if heads != self.num_heads or groups != self.num_groups:
             raise ValueError(
                 f"expected {self.num_heads} query / {self.num_groups} K/V heads per rank, "
                 f"got query {tuple(query.shape)}, key {tuple(key.shape)}"
             )
+        if self.cp_group is not None:
+            return self._context_parallel(query, key, value, attention_mask, mask_type)
+        return self._attend(query, key, value, attention_mask, mask_type)
 
+    def _context_parallel(
+        self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, mask_type: AttnMaskType
+    ) -> Tensor:
+        """Causal attention of this CP rank's two query chunks against all-gathered K/V.
+
+        Local tokens are global chunks r and 2·cp − 1 − r (`context_parallel`); query chunk g sees keys
+        0 .. (g + 1)·c − 1 with a bottom-right causal mask. K/V are gathered once per layer (the
+        all-gather's backward reduce-scatters their gradients); no S x S tensor is formed.
+        """
+        if attention_mask is not None or mask_type not in _CAUSAL_TYPES:
+            raise NotImplementedError(
+                "context parallelism in the sdpa spec supports causal attention without an explicit mask "
+                f"(got mask_type={mask_type}, attention_mask={'given' if attention_mask is not None else None})"
+            )
+        size, rank = cp_size_rank(self.cp_group)
+        key_full = gather_for_cp(key, 0, self.cp_group)  # [S, b, ng, hn]
+        value_full = gather_for_cp(value, 0, self.cp_group)
+        c = query.size(0) // 2
+        outs = []
+        for i, g in enumerate(local_chunks(size, rank)):
+            q = query[i * c : (i + 1) * c]
+            end = (g + 1) * c
+            outs.append(self._attend(q, key_full[:end], value_full[:end], None, mask_type))
+        return torch.cat(outs, dim=0)
+
+    def _attend(
+        self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, mask_type: AttnMaskType
+    ) -> Tensor:
+        """SDPA of query [sq, b, np, hn] against key/value [sk, b, ng, hn] -> [sq, b, np * hn]."""
+        sq, b, heads, _ = query.shape
+        sk, groups = key.size(0), key.size(2)
         attend, is_causal = self._sdpa_mask(attention_mask, mask_type, sq, sk, query.device)
         enable_gqa = groups != heads
         if enable_gqa and attend is not None:

@@ -31,6 +31,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
+from .context_parallel import split_for_cp
 from .hf_mapping import tp_padded
 from .specs import Backend, SpecChoice, backend_config_kwargs, block_spec, resolve_backend
 
@@ -49,6 +50,7 @@ def qwen2_language_config(
     params_dtype: torch.dtype,
     backend: Backend,
     sequence_parallel: bool = False,
+    cp_size: int = 1,
 ) -> TransformerConfig:
     """The TransformerConfig of a Qwen2 decoder (QKV bias only, GQA, RMSNorm, SwiGLU) from its HF text config.
 
@@ -65,6 +67,11 @@ def qwen2_language_config(
             raise NotImplementedError(f"rope_type {rope_type!r}: only 'default' RoPE is supported")
     if sequence_parallel and backend != "te":
         raise ValueError("sequence_parallel needs the TE spec: Megatron's local (torch) norms reject it")
+    if cp_size > 1 and backend == "local":
+        raise ValueError(
+            f"context_parallel_size={cp_size} needs the 'sdpa' or 'te' spec: Megatron's local attention "
+            "rejects context parallelism (model.spec=sdpa runs it on CPU too)"
+        )
     heads, groups = hf_text.num_attention_heads, hf_text.num_key_value_heads
     if heads % tp_size or groups % tp_size:
         raise ValueError(
@@ -93,6 +100,7 @@ def qwen2_language_config(
         **rope_kwargs,
         tensor_model_parallel_size=tp_size,
         pipeline_model_parallel_size=pp_size,
+        context_parallel_size=cp_size,
         sequence_parallel=sequence_parallel,
         **backend_config_kwargs(backend, params_dtype),
     )
@@ -218,7 +226,9 @@ class VisionLanguageModel(MegatronModule):
     def embed(
         self, input_ids: Tensor, pixel_values: Tensor | None, image_grid_thw: Tensor | None = None
     ) -> Tensor:
-        """Token embeddings with image features scattered into the placeholders: [s, b, h]."""
+        """Token embeddings with image features scattered into the placeholders: [s, b, h], or under context
+        parallelism this rank's [s / cp, b, h] (`context_parallel`: the merge needs the whole sequence,
+        so the split comes after it)."""
         embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
         if pixel_values is not None:
             features = self.image_features(pixel_values, image_grid_thw)  # [n_image_tokens, h]
@@ -235,6 +245,7 @@ class VisionLanguageModel(MegatronModule):
                 .transpose(0, 1)
                 .contiguous()
             )  # back to [s, b, h]
+        embeddings = split_for_cp(embeddings, 0)  # [s / cp, b, h]
         if self.config.sequence_parallel:
             embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)  # [s/tp, b, h]
         return embeddings
@@ -254,7 +265,9 @@ class VisionLanguageModel(MegatronModule):
 
         Returns on the last stage logits [b, s, V/tp] (V when gathered), or per-token cross-entropy
         [b, s] if `labels` [b, s] are given (labels[t] = the token that follows position t); on other
-        stages the hidden states [s, b, h] for the next stage.
+        stages the hidden states [s, b, h] for the next stage. Under context parallelism every s is this
+        rank's s / cp tokens (`context_parallel.split_for_cp` order; `labels` full length, split here)
+        while `input_ids` and `position_ids` stay full length.
         """
         position_ids = self.rope_positions(position_ids, input_ids)
         decoder_input = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
@@ -265,7 +278,7 @@ class VisionLanguageModel(MegatronModule):
             attention_mask=attention_mask,
             decoder_input=decoder_input,
             # Without vocab padding GPTModel's own loss is exact (and skips a [b, s, V/tp] transpose copy).
-            labels=None if padded else labels,
+            labels=None if padded or labels is None else split_for_cp(labels, 1),
             runtime_gather_output=False if labels is not None else runtime_gather_output,
         )
         if not self.post_process or (labels is not None and not padded):
@@ -274,7 +287,9 @@ class VisionLanguageModel(MegatronModule):
         if labels is None:
             return logits
         # Vocab-parallel cross-entropy on the masked sharded logits: [b, s, V/tp] -> [s, b, V/tp] -> [b, s]
-        return self.language_model.compute_language_model_loss(labels, logits.transpose(0, 1).contiguous())
+        return self.language_model.compute_language_model_loss(
+            split_for_cp(labels, 1), logits.transpose(0, 1).contiguous()
+        )
 
     def _mask_vocab_padding(self, logits: Tensor) -> Tensor:
         """Drop (gathered) or mask (TP-sharded) the logits of the vocab rows Megatron added for TP.
@@ -363,11 +378,13 @@ def build_stage(
     CPU), 'te' (Transformer Engine, GPU) or 'auto'. Weights are randomly initialised (load HF weights with
     `hf_mapping.load_hf_weights`). On a CUDA machine the model is moved to the current device.
     """
-    backend = resolve_backend(spec)
+    cp_size = parallel_state.get_context_parallel_world_size()
+    backend = resolve_backend(spec, cp_size=cp_size)
     config = language_config(
         hf_config.text_config,
         tp_size=parallel_state.get_tensor_model_parallel_world_size(),
         pp_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        cp_size=cp_size,
         params_dtype=params_dtype,
         backend=backend,
         sequence_parallel=sequence_parallel,

@@ -54,12 +54,6 @@ def test_parallel_config_rejects_bad_values(kwargs, match):
         ParallelConfig(**kwargs)
 
 
-@pytest.mark.skipif(HAVE_TE, reason="Transformer Engine is installed: CP is allowed")
-def test_context_parallel_needs_transformer_engine():
-    with pytest.raises(ValueError, match="context_parallel_size=2 needs Transformer Engine attention on GPU"):
-        ParallelConfig(context_parallel_size=2)
-
-
 def test_parallel_config_defaults_are_valid():
     cfg = ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
     assert (cfg.tensor_model_parallel_size, cfg.context_parallel_size, cfg.seed) == (1, 1, 1234)

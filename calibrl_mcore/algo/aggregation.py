@@ -16,7 +16,7 @@ single-process loss, and summed gradients equal the single-process gradient.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
 import torch
@@ -42,6 +42,13 @@ class LossNormalizer:
     """rows with at least one valid token in the global mini-batch"""
     norm_length: float
     """L of seq-mean-token-sum-norm (the global max response length unless given)"""
+    row_tokens: torch.Tensor | None = None
+    """[B] valid tokens of each whole row, for seq-mean-token-mean when the values hold only part of each
+    row (context parallelism); None = count them from the mask. Set per micro-batch with `for_rows`."""
+
+    def for_rows(self, row_tokens: torch.Tensor | None) -> LossNormalizer:
+        """This normaliser with the micro-batch's whole-row token counts (unchanged for None)."""
+        return self if row_tokens is None else replace(self, row_tokens=row_tokens)
 
 
 def _dp_active(dp_group: dist.ProcessGroup | None) -> bool:
@@ -98,7 +105,8 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, norm: LossNormalizer) ->
     """
     masked = values * mask  # [B, T]
     if norm.agg == "seq-mean-token-mean":
-        per_seq = masked.sum(dim=-1, dtype=torch.float64) / mask.sum(dim=-1).clamp(min=1)  # [B]
+        row_tokens = mask.sum(dim=-1) if norm.row_tokens is None else norm.row_tokens.to(mask)
+        per_seq = masked.sum(dim=-1, dtype=torch.float64) / row_tokens.clamp(min=1)  # [B]
         total = per_seq.sum() / norm.num_seqs
     elif norm.agg == "token-mean":
         total = masked.sum(dtype=torch.float64) / norm.num_tokens

@@ -7,7 +7,7 @@ Megatron hard-codes CUDA on the paths we use in four ways; each gets the narrowe
    In every module of `_CUDA_CALL_SITES` the module-global name `torch` is rebound to `_TorchOnCpu`, a proxy
    that forwards everything to torch except: `cuda.current_device()` -> `cpu`, `cuda.synchronize()` -> no-op,
    `cuda.get_rng_state/manual_seed` -> the CPU generator's, and factories (`zeros`, `empty`, `tensor`, ...)
-   map `device="cuda"` to CPU. Code outside those modules sees the real torch.
+   map `device="cuda"` to CPU (and drop `pin_memory=True`). Code outside those modules sees the real torch.
 2. `Tensor.cuda()` (a method, so it can only be patched on the class): returns the tensor itself.
    On a CPU-only build it would raise anyway, so nothing that worked before changes.
 3. The RNG tracker (`tensor_parallel/random.py`): the "device generator" becomes the CPU default generator.
@@ -39,6 +39,7 @@ _CPU = torch.device("cpu")
 _CUDA_CALL_SITES: dict[str, str] = {
     # Model construction and forward/backward.
     "megatron.core.models.common.embeddings.rotary_pos_embedding": "RotaryEmbedding.__init__/forward: inv_freq",
+    "megatron.core.models.common.embeddings.rope_utils": "get_pos_emb_on_this_cp_rank: pinned CP index",
     "megatron.core.models.gpt.gpt_model": "GPTModel._preprocess: sequence_len_offset (inference)",
     "megatron.core.transformer.dot_product_attention": "DotProductAttention.__init__: ALiBi/softmax buffers",
     "megatron.core.transformer.transformer_layer": "get_layer_static_inputs, get_zero_attention_mask",
@@ -93,6 +94,8 @@ def _on_cpu(factory: Any) -> Any:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if "device" in kwargs:
             kwargs["device"] = _cpu_if_cuda(kwargs["device"])
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False  # pinned host memory needs an accelerator; it only speeds copies
         return factory(*args, **kwargs)
 
     return wrapper

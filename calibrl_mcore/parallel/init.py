@@ -10,7 +10,6 @@ Order (each step depends on the one before):
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 import socket
@@ -34,7 +33,7 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     """PP: number of pipeline stages the decoder layers are split across."""
     context_parallel_size: int = 1
-    """CP: ways each sequence is split. CP > 1 needs Transformer Engine attention (GPU only)."""
+    """CP: ways each sequence is split. CP > 1 needs the 'te' or 'sdpa' layer spec (not 'local')."""
     virtual_pipeline_model_parallel_size: int | None = None
     """Interleaved-1F1B model chunks per pipeline stage; None = plain 1F1B. Needs PP > 1."""
     seed: int = 1234
@@ -58,11 +57,6 @@ class ParallelConfig:
             raise ValueError(
                 f"virtual_pipeline_model_parallel_size={vpp} needs pipeline_model_parallel_size > 1 "
                 f"(got {self.pipeline_model_parallel_size}) and a value >= 1"
-            )
-        if self.context_parallel_size > 1 and importlib.util.find_spec("transformer_engine") is None:
-            raise ValueError(
-                f"context_parallel_size={self.context_parallel_size} needs Transformer Engine attention on "
-                "GPU (Megatron's local-spec attention rejects context parallelism); use 1 on CPU"
             )
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"backend must be 'auto', 'gloo' or 'nccl', got {self.backend!r}")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from calibrl_mcore.trainer.policy import MicroBatch
+from model_providers.context_parallel import cp_pad_multiple
 
 
 @dataclass
@@ -52,15 +53,18 @@ def collate(
     token_extras: dict[str, Callable[[int], Sequence[float]]] | None = None,
     row_extras: dict[str, Callable[[int], float | bool]] | None = None,
     pad_id: int = 0,
+    pad_multiple: int | None = None,
 ) -> MicroBatch:
-    """Right-pad rows `chunk` into a MicroBatch.
+    """Right-pad rows `chunk` into a MicroBatch, its length a multiple of `pad_multiple` (default: what
+    context parallelism needs, `cp_pad_multiple()`; 1 without CP).
 
     `token_extras[name](i)` gives row i's per-response-token values (length = len(response_ids)); they
     are placed at the prediction columns of the response: value j sits at column prompt_len − 1 + j.
     `row_extras[name](i)` gives one value per row.
     """
     sel = [rows[i] for i in chunk]
-    seq = max(r.length for r in sel)
+    multiple = cp_pad_multiple() if pad_multiple is None else pad_multiple
+    seq = -(-max(r.length for r in sel) // multiple) * multiple
     b = len(sel)
     input_ids = torch.full((b, seq), pad_id, dtype=torch.long)
     attn = torch.zeros(b, seq, dtype=torch.long)

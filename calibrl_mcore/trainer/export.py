@@ -34,7 +34,7 @@ def export_hf(policy, src_dir: str | Path, out_dir: str | Path) -> Path:
     dist.barrier()
     names: list[str] = []
     shard = f"model-pp{parallel_state.get_pipeline_model_parallel_rank():03d}.safetensors"
-    if parallel_state.get_data_parallel_rank() == 0:
+    if parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0:  # DP 0 and CP 0
         tensors = {name: t.contiguous().cpu() for name, t in policy.iter_hf_weights()}
         if parallel_state.get_tensor_model_parallel_rank() == 0:
             save_file(tensors, str(tmp / shard), metadata={"format": "pt"})

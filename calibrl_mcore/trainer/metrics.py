@@ -17,13 +17,14 @@ from megatron.core import parallel_state
 
 
 def reduce_shares(shares: dict[str, torch.Tensor], prefix: str = "") -> dict[str, float]:
-    """Sum per-rank metric shares over DP (call on every rank of a last pipeline stage)."""
+    """Sum per-rank metric shares over DP x CP (call on every rank of a last pipeline stage): under context
+    parallelism each CP rank holds the share of its part of the tokens."""
     if not shares:
         return {}
     names = sorted(shares)
     packed = torch.stack([torch.as_tensor(shares[k], dtype=torch.float64).reshape(()) for k in names])
-    if parallel_state.get_data_parallel_world_size() > 1:
-        dist.all_reduce(packed, group=parallel_state.get_data_parallel_group())
+    if parallel_state.get_data_parallel_world_size(with_context_parallel=True) > 1:
+        dist.all_reduce(packed, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     return {prefix + k: float(v) for k, v in zip(names, packed.tolist())}
 
 

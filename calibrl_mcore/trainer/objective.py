@@ -17,6 +17,7 @@ from calibrl_mcore.algo.aggregation import LossNormalizer, aggregate
 from calibrl_mcore.algo.losses import LOSS_FNS
 from calibrl_mcore.config import AlgoConfig
 from calibrl_mcore.trainer.policy import MicroBatch
+from model_providers.context_parallel import gather_from_cp
 
 LossFn = Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, dict]]
 
@@ -81,14 +82,17 @@ def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def logprob_fn(temperature: float = 1.0, with_entropy: bool = False) -> LossFn:
-    """Forward-only callback: returns the micro-batch's token log-probs (and entropy), no loss."""
+    """Forward-only callback: returns the micro-batch's token log-probs (and entropy), no loss.
+
+    Under context parallelism the CP ranks' parts are gathered: every rank returns whole rows [b, s].
+    """
 
     def fn(mb: MicroBatch, logits: torch.Tensor):
         logits = _scaled(logits, temperature)
         logp, entropy = response_logprobs_and_entropy(logits, mb.labels, mb.loss_mask)
-        out = {"row_index": mb.row_index, "logp": logp.detach()}
+        out = {"row_index": mb.row_index, "logp": gather_from_cp(logp.detach(), 1)}
         if with_entropy:
-            out["entropy"] = entropy.detach()
+            out["entropy"] = gather_from_cp(entropy.detach(), 1)
         return logits.new_zeros(()), out
 
     return fn
@@ -100,7 +104,7 @@ def sft_loss_fn(normalizer: LossNormalizer) -> LossFn:
     def fn(mb: MicroBatch, logits: torch.Tensor):
         mask = mb.loss_mask.to(logits.device).float()
         nll = -token_logprobs(logits, mb.labels)
-        loss = aggregate(nll, mask, normalizer)
+        loss = aggregate(nll, mask, normalizer.for_rows(mb.row_tokens))
         return loss, {"metrics": {"nll": loss.detach()}}
 
     return fn
@@ -127,7 +131,7 @@ def rl_loss_fn(cfg: AlgoConfig, normalizer: LossNormalizer, temperature: float =
             clip_high=cfg.clip_high,
             dual_clip=cfg.dual_clip if cfg.dual_clip > 0 else None,
             agg=cfg.agg,
-            normalizer=normalizer,
+            normalizer=normalizer.for_rows(mb.row_tokens),
             entropy=entropy,
             entropy_coef=cfg.entropy_coef,
         )

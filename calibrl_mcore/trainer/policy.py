@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from safetensors import safe_open
 
 from calibrl_mcore.config import ModelConfig, OptimConfig
+from model_providers.context_parallel import cp_size_rank, split_for_cp
 from model_providers.hf_mapping import Placement, gather_megatron_to_hf, get_mapping, load_hf_weights
 from model_providers.registry import build_model
 
@@ -59,6 +60,29 @@ class MicroBatch:
     row_index: torch.Tensor  # [b] long: the rows' indices in this rank's batch
     seq_lengths: torch.Tensor  # [b] long: real (unpadded) lengths
     extras: dict[str, torch.Tensor]  # loss inputs ([b, s] token or [b] row tensors)
+    row_tokens: torch.Tensor | None = None  # [b]: whole rows' loss tokens, set when the [b, s] tensors are a CP part
+
+    def context_parallel_part(self) -> MicroBatch:
+        """What the loss callbacks of this context-parallel rank see (self without CP).
+
+        The model returns logits for this rank's s / cp positions (`context_parallel.split_for_cp`), so the
+        token tensors (labels, loss_mask, [b, s] extras) are split the same way; `input_ids`,
+        `position_ids` and row tensors stay whole, and `row_tokens` keeps the whole rows' token counts.
+        """
+        if cp_size_rank()[0] == 1:
+            return self
+        shape = self.loss_mask.shape
+
+        def part(t: torch.Tensor) -> torch.Tensor:
+            return split_for_cp(t, 1) if t.shape == shape else t
+
+        return replace(
+            self,
+            labels=part(self.labels),
+            loss_mask=part(self.loss_mask),
+            extras={k: part(v) for k, v in self.extras.items()},
+            row_tokens=self.loss_mask.sum(dim=1),
+        )
 
 
 def read_hf_config(path: str | Path):
@@ -160,7 +184,8 @@ class MegatronPolicy:
     # -- forward / backward --------------------------------------------------------------------------------
 
     def loss_scale(self, num_microbatches: int) -> float:
-        """Undo the schedule's 1/num_microbatches and DDP's 1/DP (module docstring)."""
+        """Undo the schedule's 1/num_microbatches and DDP's 1/DP (module docstring). Under context parallelism
+        the schedule also multiplies the loss by CP and DDP averages over DP x CP: those cancel."""
         return float(num_microbatches * parallel_state.get_data_parallel_world_size())
 
     def run(
@@ -173,7 +198,8 @@ class MegatronPolicy:
         """Run micro-batches through Megatron's schedule (1F1B under PP).
 
         `loss_fn(mb, logits)` is called on the last stage with logits [b, s, V/tp] and returns
-        (loss share, outputs dict). Returns the outputs dicts on the last stage, [] elsewhere.
+        (loss share, outputs dict); under context parallelism it gets this rank's part of the micro-batch
+        (`MicroBatch.context_parallel_part`) and logits [b, s / cp, V/tp]. Returns the outputs dicts on the last stage, [] elsewhere.
         Gradients accumulate into the DDP buffers; call `optimizer_step()` afterwards.
         """
         if not micro_batches:
@@ -192,7 +218,7 @@ class MegatronPolicy:
             )
 
             def loss_func(logits: torch.Tensor):
-                loss, outputs = loss_fn(mb, logits)
+                loss, outputs = loss_fn(mb.context_parallel_part(), logits)
                 return loss * scale, outputs
 
             return output, loss_func

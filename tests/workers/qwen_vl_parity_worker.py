@@ -9,7 +9,10 @@ Every rank builds the same seeded HF model (random weights, random norm scales),
   3. export: gathers its parameters to HF names (the weight-sync path) and checks them bit-for-bit;
   4. tied embeddings: the text case again with `tie_word_embeddings=True` (at PP > 1 the output layer is
      a separate copy of the embedding on the last stage).
-Writes rank{RANK}.json. Run: torchrun ... qwen_vl_parity_worker.py --out DIR --tp N --pp M
+Under context parallelism (--cp C, needs --spec sdpa) inputs are right-padded with text to a multiple of
+2·C; each CP rank's logits are gathered back to full length before the comparison, and each rank's grads
+(its tokens' share) are summed over the CP group before the TP gather.
+Writes rank{RANK}.json. Run: torchrun ... qwen_vl_parity_worker.py --out DIR --tp N --pp M [--cp C --spec sdpa]
 
 The builders at the top (config, HF model, inputs) are shared with tests/test_qwen2_5_vl_provider.py.
 """
@@ -135,6 +138,19 @@ def make_case(name: str, seed: int = 0) -> dict[str, torch.Tensor | None]:
     return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values, "image_grid_thw": grid}
 
 
+def pad_case(case: dict, multiple: int, seed: int = 0) -> dict:
+    """Append random text tokens so the sequence length is a multiple of `multiple` (context parallelism)."""
+    b, s = case["input_ids"].shape
+    extra = -s % multiple
+    if extra == 0:
+        return case
+    gen = torch.Generator().manual_seed(seed)
+    tail = torch.randint(2, TEXT_VOCAB_LIMIT, (b, extra), generator=gen)
+    input_ids = torch.cat([case["input_ids"], tail], dim=1)
+    labels = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)
+    return dict(case, input_ids=input_ids, labels=labels)
+
+
 def position_ids_for(case: dict, config) -> torch.Tensor:
     from model_providers.rope import get_rope_index
 
@@ -171,12 +187,12 @@ def hf_grads(hf_model, case: dict) -> dict[str, torch.Tensor]:
 # ---- the distributed run -----------------------------------------------------------------------------------
 
 
-def _build_megatron(hf_config, hf_model, info):
+def _build_megatron(hf_config, hf_model, info, spec: str = "local"):
     from model_providers.hf_mapping import Placement, get_mapping, load_hf_weights
     from model_providers.qwen2_5_vl import build_qwen2_5_vl
 
     model = build_qwen2_5_vl(
-        hf_config, pre_process=info.is_first_stage, post_process=info.is_last_stage, spec="local"
+        hf_config, pre_process=info.is_first_stage, post_process=info.is_last_stage, spec=spec
     )
     mapping = get_mapping("qwen2_5_vl", hf_config, model.backend)
     placement = Placement.from_parallel_state(model.config)
@@ -186,17 +202,24 @@ def _build_megatron(hf_config, hf_model, info):
 
 def _run_schedule(model, case: dict, config, *, forward_only: bool) -> torch.Tensor | None:
     """One micro-batch through Megatron's schedule. Returns gathered logits [b, s, V] on the last stage
-    (forward_only) or None; with forward_only=False it leaves the grads of mean cross-entropy."""
+    (forward_only) or None; with forward_only=False it leaves the grads of mean cross-entropy (this CP
+    rank's tokens' share of them)."""
+    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from model_providers.context_parallel import gather_from_cp
 
     captured = {}
     batch = dict(case, position_ids=position_ids_for(case, config))
+    cp = parallel_state.get_context_parallel_world_size()
 
     def loss_func(output: torch.Tensor):
         if forward_only:
-            captured["logits"] = output.detach().clone()  # [b, s, V]
+            captured["logits"] = gather_from_cp(output.detach(), 1).clone()  # [b, s, V]
             return output.sum() * 0.0, {}
-        loss = output.mean()  # per-token CE [b, s] -> mean
+        # Per-token CE of this rank's tokens [b, s / cp]: its share of the global mean; the schedule
+        # multiplies a 2-tuple loss by cp (Megatron's convention for DDP's dp x cp averaging): undo it.
+        loss = output.sum() / (case["labels"].numel() * cp)
         return loss, {"loss": loss.detach().clone()}
 
     def forward_step(data_iterator, chunk):
@@ -225,24 +248,31 @@ def _run_schedule(model, case: dict, config, *, forward_only: bool) -> torch.Ten
     return captured.get("logits")
 
 
-def run(out: Path, tp: int, pp: int) -> None:
+def run(out: Path, tp: int, pp: int, cp: int = 1, spec: str = "local") -> None:
+    import torch.distributed as dist
     from megatron.core import parallel_state
 
     from calibrl_mcore.parallel import ParallelConfig, destroy_distributed, init_distributed
+    from model_providers.context_parallel import cp_pad_multiple
     from model_providers.hf_mapping import gather_megatron_to_hf
 
-    info = init_distributed(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+    info = init_distributed(
+        ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp)
+    )
     tp_group = parallel_state.get_tensor_model_parallel_group()
     hf_config = tiny_qwen_config()
     hf_model = make_hf_model(hf_config)
-    model, mapping, placement = _build_megatron(hf_config, hf_model, info)
+    model, mapping, placement = _build_megatron(hf_config, hf_model, info, spec)
     model.eval()  # no dropout anyway; eval keeps HF and Megatron on the same path
-    result: dict = {"rank": info.rank, "tp_rank": info.tp_rank, "pp_rank": info.pp_rank}
+    result: dict = {"rank": info.rank, "tp_rank": info.tp_rank, "pp_rank": info.pp_rank, "cp_rank": info.cp_rank}
+
+    def make(name: str) -> dict:
+        return pad_case(make_case(name), cp_pad_multiple())
 
     # 1. logits
     result["logits_max_abs_diff"] = {}
     for name in CASES:
-        case = make_case(name)
+        case = make(name)
         with torch.no_grad():
             logits = _run_schedule(model, case, hf_config, forward_only=True)
             if info.is_last_stage:
@@ -250,10 +280,13 @@ def run(out: Path, tp: int, pp: int) -> None:
                 result["logits_max_abs_diff"][name] = (logits - ref).abs().max().item()
 
     # 2. grads
-    case = make_case("two_images")
+    case = make("two_images")
     reference = hf_grads(hf_model, case)
     model.zero_grad(set_to_none=True)
     _run_schedule(model, case, hf_config, forward_only=False)
+    if cp > 1:
+        for p in model.parameters():
+            dist.all_reduce(p.grad, group=parallel_state.get_context_parallel_group())
     grads = ((n, p.grad) for n, p in model.named_parameters())
     result["grad_rel_err"] = {
         hf_name: ((g - reference[hf_name]).norm() / reference[hf_name].norm().clamp_min(1e-30)).item()
@@ -269,11 +302,11 @@ def run(out: Path, tp: int, pp: int) -> None:
     # 4. tied embeddings
     tied_config = tiny_qwen_config(tie_word_embeddings=True)
     tied_hf = make_hf_model(tied_config, seed=1)
-    tied_model, _, _ = _build_megatron(tied_config, tied_hf, info)
+    tied_model, _, _ = _build_megatron(tied_config, tied_hf, info, spec)
     with torch.no_grad():
-        logits = _run_schedule(tied_model.eval(), make_case("text"), tied_config, forward_only=True)
+        logits = _run_schedule(tied_model.eval(), make("text"), tied_config, forward_only=True)
         if info.is_last_stage:
-            ref = hf_forward(tied_hf, make_case("text"))
+            ref = hf_forward(tied_hf, make("text"))
             result["logits_max_abs_diff"]["text_tied"] = (logits - ref).abs().max().item()
 
     (out / f"rank{info.rank}.json").write_text(json.dumps(result, indent=1))
@@ -285,6 +318,8 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--cp", type=int, default=1)
+    parser.add_argument("--spec", default="local", choices=["local", "sdpa"])
     args = parser.parse_args()
     torch.set_num_threads(1)
-    run(args.out, args.tp, args.pp)
+    run(args.out, args.tp, args.pp, args.cp, args.spec)
