@@ -80,12 +80,13 @@ def measure(side: Side, mode: str, x: dict, repeats: int, device: torch.device) 
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         out = run(side, mode, x)
         sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
         del out
     result = {"median_s": statistics.median(times), "all_s": times}
     if device.type == "cuda":
@@ -112,6 +113,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
+    if not on_gpu:
+        torch.set_num_threads(1)
     defaults = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
     n, vocab = args.tokens or defaults["tokens"], args.vocab or defaults["vocab"]
     chunks = args.chunks or defaults["chunks"]
@@ -151,6 +154,7 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name(device) if on_gpu else None,
         "shape": {"tokens": n, "vocab": vocab, "dtype": args.dtype},
         "repeats": args.repeats,
+        "time": "wall (median)" if on_gpu else "process CPU time, 1 thread (median)",
         "memory": "torch.cuda.max_memory_allocated above the inputs"
         if on_gpu
         else "not measured on CPU (tracemalloc does not see torch's allocator); see largest_fp32_buffer_bytes",
