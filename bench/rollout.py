@@ -89,14 +89,45 @@ def run_hf(model: Any, pad_id: int, prompts: list[list[int]], params: SamplingPa
     return clock, tokens
 
 
+def stop_ids_of(engine: EmbeddedEngine) -> list[int]:
+    """The model's eos ids plus N_STOP_IDS ordinary ids: both sides stop a sample at these."""
+    return sorted(engine._eos_ids) + list(range(100, 100 + N_STOP_IDS))
+
+
+def compare_case(engine: EmbeddedEngine, model: Any, prompts: list[list[int]], params: SamplingParams,
+                 stop_ids: list[int], device: str, repeats: int) -> dict[str, Any]:
+    """Engine vs HF `generate` on the same prompts and params: best of `repeats` alternating runs."""
+    pad_id = engine.tokenizer.pad_token_id or 0
+    params = SamplingParams(**{**params.__dict__, "stop_token_ids": tuple(stop_ids), "ignore_eos": False})
+    run_engine(engine, prompts[:2], params)  # warm-up both sides
+    run_hf(model, pad_id, prompts[:2], params, stop_ids, torch.device(device))
+    # Best of `repeats` alternating runs: the 2-core CI machines are shared, so single runs are noisy.
+    # On a GPU the host CPU time says nothing about device work: compare wall time there.
+    measure = (lambda c: c.wall) if device.startswith("cuda") else (lambda c: c.cpu)
+    engine_s = hf_s = engine_wall = hf_wall = float("inf")
+    for _ in range(repeats):
+        clock, engine_tokens = run_engine(engine, prompts, params)
+        engine_s, engine_wall = min(engine_s, measure(clock)), min(engine_wall, clock.wall)
+        clock, hf_tokens = run_hf(model, pad_id, prompts, params, stop_ids, torch.device(device))
+        hf_s, hf_wall = min(hf_s, measure(clock)), min(hf_wall, clock.wall)
+    return {
+        "prompts": len(prompts), "n": params.n, "max_new_tokens": params.max_new_tokens, "best_of": repeats,
+        "prompt_len_range": [min(map(len, prompts)), max(map(len, prompts))],
+        "time_measure": "wall" if device.startswith("cuda") else "process CPU time",
+        "engine_tokens_per_s": engine_tokens / engine_s, "engine_tokens": engine_tokens, "engine_s": engine_s,
+        "hf_generate_tokens_per_s": hf_tokens / hf_s, "hf_tokens": hf_tokens, "hf_s": hf_s,
+        "speedup": (engine_tokens / engine_s) / (hf_tokens / hf_s),
+        "engine_wall_s": engine_wall, "hf_wall_s": hf_wall, "speedup_wall": (engine_tokens / engine_wall) / (hf_tokens / hf_wall),
+    }
+
+
 def throughput(model_dir: Path, device: str, quick: bool) -> dict[str, Any]:
     from transformers import AutoModelForImageTextToText
 
     engine = EmbeddedEngine(model_dir, device=device, max_batch_size=512)
     model = AutoModelForImageTextToText.from_pretrained(model_dir).to(device).eval()
     vocab = len(engine.tokenizer)
-    stop_ids = sorted(engine._eos_ids) + list(range(100, 100 + N_STOP_IDS))
-    pad_id = engine.tokenizer.pad_token_id or 0
+    stop_ids = stop_ids_of(engine)
     count, max_new, repeats = (8, 32, 1) if quick else (32, 128, 2)
     prompts = make_prompts(vocab, count, 16, 64 if quick else 384, seed=0)
     cases = {
@@ -109,29 +140,10 @@ def throughput(model_dir: Path, device: str, quick: bool) -> dict[str, Any]:
     }
     results: dict[str, Any] = {}
     for name, params in cases.items():
-        params = SamplingParams(**{**params.__dict__, "stop_token_ids": tuple(stop_ids), "ignore_eos": False})
-        run_engine(engine, prompts[:2], params)  # warm-up both sides
-        run_hf(model, pad_id, prompts[:2], params, stop_ids, torch.device(device))
-        # Best of `repeats` alternating runs: the 2-core CI machines are shared, so single runs are noisy.
-        # On a GPU the host CPU time says nothing about device work: compare wall time there.
-        measure = (lambda c: c.wall) if device.startswith("cuda") else (lambda c: c.cpu)
-        engine_s = hf_s = engine_wall = hf_wall = float("inf")
-        for _ in range(repeats):
-            clock, engine_tokens = run_engine(engine, prompts, params)
-            engine_s, engine_wall = min(engine_s, measure(clock)), min(engine_wall, clock.wall)
-            clock, hf_tokens = run_hf(model, pad_id, prompts, params, stop_ids, torch.device(device))
-            hf_s, hf_wall = min(hf_s, measure(clock)), min(hf_wall, clock.wall)
-        results[name] = {
-            "prompts": len(prompts), "n": params.n, "max_new_tokens": params.max_new_tokens, "best_of": repeats,
-            "prompt_len_range": [len(prompts[0]), len(prompts[-1])],
-            "time_measure": "wall" if device.startswith("cuda") else "process CPU time",
-            "engine_tokens_per_s": engine_tokens / engine_s, "engine_tokens": engine_tokens, "engine_s": engine_s,
-            "hf_generate_tokens_per_s": hf_tokens / hf_s, "hf_tokens": hf_tokens, "hf_s": hf_s,
-            "speedup": (engine_tokens / engine_s) / (hf_tokens / hf_s),
-            "engine_wall_s": engine_wall, "hf_wall_s": hf_wall, "speedup_wall": (engine_tokens / engine_wall) / (hf_tokens / hf_wall),
-        }
-        print(f"{name}: engine {engine_tokens / engine_s:.0f} tok/s, HF generate {hf_tokens / hf_s:.0f} tok/s, "
-              f"speedup {results[name]['speedup']:.2f}x (wall-clock {results[name]['speedup_wall']:.2f}x)", flush=True)
+        results[name] = compare_case(engine, model, prompts, params, stop_ids, device, repeats)
+        print(f"{name}: engine {results[name]['engine_tokens_per_s']:.0f} tok/s, HF generate "
+              f"{results[name]['hf_generate_tokens_per_s']:.0f} tok/s, speedup {results[name]['speedup']:.2f}x "
+              f"(wall-clock {results[name]['speedup_wall']:.2f}x)", flush=True)
     engine.shutdown()
     return results
 

@@ -43,3 +43,9 @@ def test_logprob_bench_runs_on_cpu(tmp_path):
                   "--repeats", "1", out=tmp_path / "lp.json")
     assert set(r["results"]) == {"unfused", "fused_chunk16"}
     assert r["max_abs_diff_vs_unfused"]["fused_chunk16"]["logp"] < 1e-5
+
+
+def test_gpu_rollout_bench_runs_on_cpu(tmp_path):
+    r = run_bench("gpu_rollout.py", "--device", "cpu", "--prompts", "2", "--prompt-len", "8", "--new-tokens", "4",
+                  out=tmp_path / "r.json")
+    assert r["case"]["engine_tokens"] > 0 and r["case"]["hf_tokens"] > 0 and r["engine_over_hf_generate"] > 0

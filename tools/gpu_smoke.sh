@@ -8,9 +8,13 @@
 #   1. environment facts (GPU, torch, transformers, megatron-core)            -> env.json
 #   2. bench/gpu_train.py: Megatron policy + CalibRL loss vs transformers SDPA -> gpu_train.json
 #      (Qwen2.5-VL-3B text-decoder shape, seq 4096, bf16)
-#   3. a few trainer steps of the tiny demo config on the GPU (nccl, bf16; embedded rollout server on
+#   3. bench/gpu_rollout.py: embedded rollout engine vs transformers generate  -> gpu_rollout.json
+#      (same Qwen2.5-3B-shaped decoder, bf16, 64 prompts x 512 tokens, 256 new, sampled)
+#   4. bench/logprob.py: chunked fused log-prob/entropy vs unfused fp32 log_softmax -> logprob.json
+#      (4096 tokens x vocab 151936, bf16: time and peak memory)
+#   5. a few trainer steps of the tiny demo config on the GPU (nccl, bf16; embedded rollout server on
 #      the GPU), loss and rollout/trainer log-prob mismatch                   -> trainer_metrics.jsonl
-#   4. a summary with what was skipped and why                              -> summary.json
+#   6. a summary with what was skipped and why                              -> summary.json
 # Each stage has its own time limit so one slow stage cannot eat the device budget of the others.
 # CPU dry run: GPU_SMOKE_SHAPE=tiny GPU_SMOKE_SEQ=64 GPU_SMOKE_DTYPE=fp32 GPU_SMOKE_SERVER_DEVICE=cpu \
 #              GPU_SMOKE_NO_WHEELS=1 PATH=.venv/bin:$PATH bash tools/gpu_smoke.sh
@@ -52,6 +56,15 @@ timeout 200 python3 bench/gpu_train.py --shape "$SHAPE" --seq "$SEQ" --steps 3 -
   > "$OUT/gpu_train.log" 2>&1; status gpu_train $?
 tail -5 "$OUT/gpu_train.log"
 
+if [ "$SHAPE" = tiny ]; then ROLLOUT_ARGS=(--device "$SERVER_DEVICE"); LOGPROB_ARGS=(--device cpu); else
+  ROLLOUT_ARGS=(--shape "$SHAPE"); LOGPROB_ARGS=(--dtype bf16); fi
+timeout 240 python3 bench/gpu_rollout.py "${ROLLOUT_ARGS[@]}" --out "$OUT/gpu_rollout.json" \
+  > "$OUT/gpu_rollout.log" 2>&1; status gpu_rollout $?
+tail -2 "$OUT/gpu_rollout.log"
+timeout 90 python3 bench/logprob.py "${LOGPROB_ARGS[@]}" --out "$OUT/logprob.json" > "$OUT/logprob.log" 2>&1
+status logprob $?
+tail -12 "$OUT/logprob.log"
+
 work=/tmp/smoke_work; rm -rf "$work"; mkdir -p "$work"
 python3 -c "from tools.make_tiny_model import make_tiny_model; make_tiny_model('qwen2_5_vl', '$work/tiny', seed=0)" \
   > "$OUT/trainer.log" 2>&1
@@ -71,6 +84,14 @@ if (out / "gpu_train.json").exists():
     g = json.loads((out / "gpu_train.json").read_text())
     summary["gpu_train"] = {k: {m: v[m] for m in ("tokens_per_s", "mfu", "peak_gb")} for k, v in g["stacks"].items()}
     summary["gpu_train"]["ratio"] = g["megatron_over_transformers_throughput"]
+if (out / "gpu_rollout.json").exists():
+    r = json.loads((out / "gpu_rollout.json").read_text())
+    summary["gpu_rollout"] = {k: r[k] for k in ("engine_generated_tokens_per_s", "hf_generate_generated_tokens_per_s",
+                                                "engine_over_hf_generate")}
+if (out / "logprob.json").exists():
+    lp = json.loads((out / "logprob.json").read_text())
+    summary["logprob"] = {"shape": lp["shape"], "best_chunk": lp["best_chunk"], **lp["best_chunk_vs_unfused"],
+                          "max_abs_diff": lp["max_abs_diff_vs_unfused"][f"fused_chunk{lp['best_chunk']}"]}
 if (out / "trainer_metrics.jsonl").exists():
     rows = [json.loads(l) for l in (out / "trainer_metrics.jsonl").read_text().splitlines()]
     keys = ("train/loss", "reward/mean", "rollout/logprob_mismatch_mean", "rollout/logprob_mismatch_max",
