@@ -94,28 +94,37 @@ class ImageSpec:
     @classmethod
     def from_processor(cls, processor: Any) -> ImageSpec:
         """Read the spec off an HF processor or image processor (Qwen2VLImageProcessor[Pil] /
-        GotOcr2ImageProcessor[Pil]); raises on settings this module does not reproduce."""
+        GotOcr2ImageProcessor[Pil]); raises on settings this module does not reproduce.
+
+        A processor's own per-call image kwargs win over its image processor's attributes, as in the
+        processor's `__call__` (InternVLProcessor passes crop_to_patches=True; GOT-OCR2's default and
+        InternVL's released preprocessor configs say False)."""
         ip = getattr(processor, "image_processor", processor)
+        overrides = _processor_images_kwargs(processor) if ip is not processor else {}
+
+        def setting(name: str, default: Any = None) -> Any:
+            return overrides.get(name, getattr(ip, name, default))
+
         for flag in ("do_resize", "do_rescale", "do_normalize"):
-            if getattr(ip, flag, True) is False:
+            if setting(flag, True) is False:
                 raise ValueError(
                     f"{type(ip).__name__}.{flag}=False is not supported by calibrl_mcore.data.dali"
                 )
-        resample = getattr(ip, "resample", Image.Resampling.BICUBIC)
+        resample = setting("resample", Image.Resampling.BICUBIC)
         if int(resample) != int(Image.Resampling.BICUBIC):
             raise ValueError(f"{type(ip).__name__} resamples with {resample!r}; only bicubic is supported")
         common = {
-            "image_mean": tuple(float(v) for v in ip.image_mean),
-            "image_std": tuple(float(v) for v in ip.image_std),
-            "rescale_factor": float(ip.rescale_factor),
+            "image_mean": tuple(float(v) for v in setting("image_mean")),
+            "image_std": tuple(float(v) for v in setting("image_std")),
+            "rescale_factor": float(setting("rescale_factor")),
         }
-        size = dict(ip.size)
+        size = dict(setting("size"))
         if hasattr(ip, "merge_size"):
             return cls(
                 mode="smart_resize",
-                patch_size=int(ip.patch_size),
-                merge_size=int(ip.merge_size),
-                temporal_patch_size=int(ip.temporal_patch_size),
+                patch_size=int(setting("patch_size")),
+                merge_size=int(setting("merge_size")),
+                temporal_patch_size=int(setting("temporal_patch_size")),
                 min_pixels=int(size["shortest_edge"]),
                 max_pixels=int(size["longest_edge"]),
                 **common,
@@ -125,14 +134,23 @@ class ImageSpec:
                 mode="tiles",
                 tile_height=int(size["height"]),
                 tile_width=int(size["width"]),
-                crop_to_tiles=bool(ip.crop_to_patches) and int(ip.max_patches) > 1,
-                min_tiles=int(ip.min_patches),
-                max_tiles=int(ip.max_patches),
+                crop_to_tiles=bool(setting("crop_to_patches")) and int(setting("max_patches")) > 1,
+                min_tiles=int(setting("min_patches")),
+                max_tiles=int(setting("max_patches")),
                 **common,
             )
         raise ValueError(
             f"no ImageSpec for image processor {type(ip).__name__} (expected Qwen2-VL or GOT-OCR2)"
         )
+
+
+def _processor_images_kwargs(processor: Any) -> dict[str, Any]:
+    """Image-processor kwargs a multimodal processor passes on every call (transformers' `_merge_kwargs`:
+    the class attribute `images_kwargs`, overridden by the older `<Model>ProcessorKwargs._defaults`)."""
+    out = dict(getattr(processor, "images_kwargs", None) or {})
+    kwargs_cls = getattr(processor, "valid_processor_kwargs", None)
+    out.update(getattr(kwargs_cls, "_defaults", {}).get("images_kwargs", {}))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from calibrl_mcore.algo.dapo import overlong_penalty
 from calibrl_mcore.config import AlgoConfig, RolloutConfig
 from calibrl_mcore.data.schema import Example
 from calibrl_mcore.data.template import as_expert_response, build_messages
+from calibrl_mcore.data.vision_inputs import VisionPromptEncoder
 from calibrl_mcore.rewards import acc_x_fmt_reward, compute_reward
 from calibrl_mcore.trainer.batch import Row
 from rollout.client import RolloutClient, RolloutRequestError
@@ -41,10 +42,16 @@ class PromptInputs:
 
 
 class PromptEncoder:
-    """The checkpoint's processor: examples -> prompt token ids + pixel values; expert text -> ids."""
+    """The checkpoint's processor: examples -> prompt token ids + pixel values; expert text -> ids.
 
-    def __init__(self, model_path: str) -> None:
+    `image_backend`: "processor" = the HF processor does the images (CPU); "pil" | "dali" | "auto" =
+    `calibrl_mcore.data.vision_inputs` does them (DALI on the GPU; "pil" equals the processor bit for bit)."""
+
+    def __init__(self, model_path: str, image_backend: str = "processor") -> None:
         self.processor = load_processor(model_path)
+        self.vision = None  # "processor": the processor's own image path
+        if image_backend != "processor":
+            self.vision = VisionPromptEncoder(self.processor, image_backend)
         tok = self.tokenizer = self.processor.tokenizer
         im_end = tok.convert_tokens_to_ids("<|im_end|>")
         self.eos_id = im_end if isinstance(im_end, int) and im_end != tok.unk_token_id else tok.eos_token_id
@@ -62,11 +69,18 @@ class PromptEncoder:
         images = example.load_images()
         text = self.processor.apply_chat_template(build_messages(example), add_generation_prompt=True,
                                                   tokenize=False)
-        enc = self.processor(text=[text], images=images or None, return_tensors="pt")
+        if self.vision is None:
+            enc = self.processor(text=[text], images=images or None, return_tensors="pt")
+            prompt_ids = enc["input_ids"][0].tolist()
+        else:  # DALI decodes the encoded bytes on the GPU; PIL reuses the images decoded for the server.
+            enc = self.vision(text, example.images if self.vision.backend == "dali" else images)
+            prompt_ids = enc.pop("input_ids")
+            # Rows are pickled to the other ranks (broadcast_object_list): keep their tensors on the CPU.
+            enc = {k: v.cpu() for k, v in enc.items()}
         return PromptInputs(
             text=text,
             images=images,
-            prompt_ids=enc["input_ids"][0].tolist(),
+            prompt_ids=prompt_ids,
             pixel_values=enc.get("pixel_values"),
             image_grid_thw=enc.get("image_grid_thw"),
         )
@@ -89,9 +103,10 @@ class PromptEncoder:
 class RolloutStage:
     """Turns examples into rows with the help of a rollout client (one per trainer, on rank 0)."""
 
-    def __init__(self, cfg: RolloutConfig, algo: AlgoConfig, model_path: str, client: RolloutClient) -> None:
+    def __init__(self, cfg: RolloutConfig, algo: AlgoConfig, model_path: str, client: RolloutClient,
+                 image_backend: str = "processor") -> None:
         self.cfg, self.algo, self.client = cfg, algo, client
-        self.encoder = PromptEncoder(model_path)
+        self.encoder = PromptEncoder(model_path, image_backend)
         self.pad_id = self.encoder.pad_id
 
     def _generate(self, prompts: list[dict], params: dict) -> list:
