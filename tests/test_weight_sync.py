@@ -146,3 +146,24 @@ def test_distributed_routes_validate_and_reinit(server, tiny):
         close_group(group)
     finally:
         client.close()
+
+
+def test_refused_bucket_fails_fast_instead_of_hanging_in_the_broadcast(server):
+    """The trainer broadcasts while its request is in flight; a refused request means no server will
+    ever receive, so the sender must give up on the HTTP error rather than wait for the group timeout."""
+    from calibrl_mcore.trainer.weight_sync import _together
+
+    client = RolloutClient([server.url], max_retries=0)
+    group = _join(client, "h")
+    try:
+        tensor = torch.zeros(3, 5)
+        t0 = time.perf_counter()
+        with pytest.raises(RolloutRequestError) as info:
+            _together(lambda: client.update_weights_from_distributed(["nope.weight"], ["float32"], [[3, 5]], "h"),
+                      lambda: [w.wait() for w in broadcast_async(group, [tensor])], timeout_s=120, what="test")
+        assert info.value.body["error"]["field"] == "names[0]"
+        assert time.perf_counter() - t0 < 30
+    finally:
+        client.destroy_weights_update_group("h")
+        close_group(group)
+        client.close()
