@@ -59,6 +59,9 @@ class DataConfig:
     """images per prompt above this are an error for that row (skipped and counted)."""
     seed: int = 0
     """shuffling seed (the sampler's order is resumable)."""
+    image_backend: str = "processor"
+    """trainer-side image preprocessing: processor (the HF processor, CPU) | pil (data/dali.py's PIL path,
+    identical pixels) | dali (NVIDIA DALI on the GPU) | auto (dali when CUDA and DALI are there, else pil)."""
 
 
 @dataclass
@@ -256,6 +259,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.spec": ("auto", "local", "sdpa", "te"),
     "model.fp8": ("none", "delayed", "tensorwise", "blockwise"),
     "model.recompute": ("none", "selective", "full"),
+    "data.image_backend": ("processor", "pil", "dali", "auto"),
     "rollout.engine": ("embedded", "sglang", "vllm"),
     "algo.name": ("grpo", "dapo", "luffy", "rlplus", "calibrl"),
     "algo.alpha_schedule": ("constant", "linear", "cosine", "pass_rate"),

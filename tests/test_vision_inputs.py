@@ -147,3 +147,12 @@ def test_dali_backend_matches_processor_shapes_and_tokens(built, reference, arch
         if want.pixel_values is not None:
             assert got.pixel_values.device.type == "cpu" and got.pixel_values.shape == want.pixel_values.shape
             assert (got.pixel_values - want.pixel_values).abs().mean() <= dali.DALI_PIL_MAX_MEAN * 5
+
+
+def test_config_image_backend_choices():
+    from calibrl_mcore.config import ConfigError, load_config
+
+    assert load_config().data.image_backend == "processor"
+    assert load_config(overrides=["data.image_backend=auto"]).data.image_backend == "auto"
+    with pytest.raises(ConfigError, match="data.image_backend='gpu' is not one of"):
+        load_config(overrides=["data.image_backend=gpu"])

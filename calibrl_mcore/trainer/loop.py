@@ -76,7 +76,7 @@ class Trainer:
                 urls = [[self.server.url]]
             client = RolloutClient(urls[0], api_key=cfg.rollout.api_key or None, timeout=cfg.rollout.timeout_s,
                                    max_retries=cfg.rollout.max_retries)
-            self.stage = RolloutStage(cfg.rollout, cfg.algo, cfg.model.hf_path, client)
+            self.stage = RolloutStage(cfg.rollout, cfg.algo, cfg.model.hf_path, client, cfg.data.image_backend)
         dist.broadcast_object_list(urls, src=0)
         pad = [self.stage.pad_id if self.stage else 0]
         dist.broadcast_object_list(pad, src=0)
