@@ -90,7 +90,7 @@ def time_steps(fn, steps: int, warmup: int, device) -> list[float]:
 
 
 def bench_megatron(cfg, tokens, x, dtype, steps, warmup, device, recompute: bool):
-    from calibrl_mcore.trainer.objective import logprobs_and_entropy
+    from calibrl_mcore.trainer.objective import response_logprobs_and_entropy
     from model_providers.registry import build_model
 
     model = build_model(cfg, params_dtype=dtype, spec="auto").to(device)
@@ -99,10 +99,12 @@ def bench_megatron(cfg, tokens, x, dtype, steps, warmup, device, recompute: bool
         model.config.recompute_num_layers = 1
     labels = torch.roll(tokens, -1, dims=1)
     pos = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
+    everywhere = torch.ones_like(tokens, dtype=torch.bool)
 
     def step():
         logits = model(tokens, pos, None)
-        logp, _ = logprobs_and_entropy(logits, labels)
+        # The trainer's path: the chunked fused log-prob kernel (no whole fp32 [tokens, V] copy).
+        logp, _ = response_logprobs_and_entropy(logits, labels, everywhere)
         calibrl_step_loss(logp, x).backward()
         model.zero_grad(set_to_none=True)
 

@@ -18,11 +18,14 @@ from pathlib import Path
 def _config(args: argparse.Namespace):
     from calibrl_mcore.config import load_config
 
-    return load_config(args.config, args.overrides)
+    return load_config(args.config, args.overrides, layout=args.layout)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML config (keys documented in configs/defaults.yaml)")
+    p.add_argument("--layout", default=None, metavar="NAME|FILE",
+                   help="cluster layout merged over --config: a file or a name in configs/layouts "
+                        "(e.g. qwen2_5_vl_32b_h100x32); key=value overrides still win")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
 
 

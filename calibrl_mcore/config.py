@@ -42,7 +42,9 @@ class ParallelSection:
     pipeline_model_parallel_size: int = 1
     """PP degree (must divide the decoder layers); 1F1B schedule."""
     context_parallel_size: int = 1
-    """CP degree; > 1 needs Transformer Engine (GPU)."""
+    """CP degree: each sequence split into 2·CP load-balanced chunks; needs model.spec te or sdpa (not local)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism: norm/dropout activations split over TP (needs model.spec=te, TP > 1)."""
     seed: int = 1234
     """seed for parameter init, dropout and the trainer's RNGs."""
 
@@ -194,6 +196,8 @@ class OptimConfig:
     """Adam β2."""
     adam_eps: float = 1e-8
     """Adam ε."""
+    distributed_optimizer: bool = False
+    """shard fp32 main weights and Adam states over DP (Megatron's distributed optimizer, ZeRO-1)."""
 
 
 @dataclass
@@ -294,28 +298,50 @@ def _validate(cfg: Config) -> None:
         )
     if not 0.0 <= cfg.algo.alpha <= 1.0:
         raise ConfigError(f"algo.alpha must be in [0, 1], got {cfg.algo.alpha}")
+    if cfg.parallel.sequence_parallel and cfg.parallel.tensor_model_parallel_size == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults ← YAML file ← `key.sub=value` overrides; returns a validated typed `Config`."""
-    base = OmegaConf.structured(Config)
-    layers: list[Any] = [base]
-    try:
-        if path:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file {path} does not exist")
-            layers.append(OmegaConf.load(path))
-        if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
-            layers.append(OmegaConf.from_dotlist(overrides))
-        merged = OmegaConf.merge(*layers)
-    except OmegaConfBaseException as exc:
-        where = f" in {path}" if path else ""
-        key = getattr(exc, "full_key", None)
-        raise ConfigError(f"config error{where} at key {key!r}: {exc.msg if hasattr(exc, 'msg') else exc}") from exc
+LAYOUT_DIR = Path(__file__).resolve().parents[1] / "configs" / "layouts"
+
+
+def resolve_layout(layout: str | Path) -> Path:
+    """A layout file path, or the name of one in configs/layouts (e.g. 'qwen2_5_vl_32b_h100x32')."""
+    path = Path(layout)
+    if path.is_file():
+        return path
+    named = LAYOUT_DIR / f"{layout}.yaml"
+    if named.is_file():
+        return named
+    known = sorted(p.stem for p in LAYOUT_DIR.glob("*.yaml"))
+    raise ConfigError(f"layout {str(layout)!r} is neither a file nor one of configs/layouts: {known}")
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, layout: str | Path | None = None
+) -> Config:
+    """Defaults ← YAML file ← cluster layout file (`resolve_layout`) ← `key.sub=value` overrides; returns a
+    validated typed `Config`."""
+    files = [Path(path)] if path else []
+    if layout:
+        files.append(resolve_layout(layout))
+    for file in files:
+        if not file.is_file():
+            raise ConfigError(f"config file {file} does not exist")
+    bad = [o for o in overrides or [] if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
+    layers: list[tuple[str, Any]] = [(f" in {f}", lambda f=f: OmegaConf.load(f)) for f in files]
+    if overrides:
+        layers.append((" in the command-line overrides", lambda: OmegaConf.from_dotlist(overrides)))
+    merged = OmegaConf.structured(Config)
+    for where, layer in layers:  # one at a time, so that an error names its source
+        try:
+            merged = OmegaConf.merge(merged, layer())
+        except OmegaConfBaseException as exc:
+            key = getattr(exc, "full_key", None)
+            msg = exc.msg if hasattr(exc, "msg") else exc
+            raise ConfigError(f"config error{where} at key {key!r}: {msg}") from exc
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     _validate(cfg)
     return cfg

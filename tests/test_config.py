@@ -46,3 +46,22 @@ def test_unknown_key_in_file_is_named(tmp_path):
     bad.write_text("train:\n  stepz: 3\n")
     with pytest.raises(ConfigError, match=r"train\.stepz"):
         load_config(bad)
+
+
+def test_layout_is_merged_over_the_config_and_under_overrides():
+    from omegaconf import OmegaConf
+
+    cfg = load_config(CONFIGS / "qwen2_5_vl_32b.yaml", layout="qwen2_5_vl_32b_h100x16")
+    layout = OmegaConf.load(CONFIGS / "layouts/qwen2_5_vl_32b_h100x16.yaml")
+    assert cfg.parallel.tensor_model_parallel_size == layout.parallel.tensor_model_parallel_size
+    assert cfg.parallel.pipeline_model_parallel_size == layout.parallel.pipeline_model_parallel_size
+    assert cfg.train.prompts_per_step == 480  # from the config file, untouched by the layout
+    cfg = load_config(CONFIGS / "qwen2_5_vl_32b.yaml", ["parallel.tensor_model_parallel_size=1"],
+                      layout=CONFIGS / "layouts/qwen2_5_vl_32b_h100x16.yaml")
+    assert cfg.parallel.tensor_model_parallel_size == 1
+    with pytest.raises(ConfigError, match="neither a file nor one of configs/layouts: .*qwen2_5_vl_3b_h100x8"):
+        load_config(layout="no_such_layout")
+    with pytest.raises(ConfigError, match="in the command-line overrides at key 'parallel.seed'"):
+        load_config(overrides=["parallel.seed=abc"])
+    with pytest.raises(ConfigError, match="sequence_parallel=true needs parallel.tensor_model_parallel_size > 1"):
+        load_config(overrides=["parallel.sequence_parallel=true"])

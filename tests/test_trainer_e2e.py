@@ -247,6 +247,7 @@ def test_single_process_two_steps(dp1_run):
         ("pp2", ["parallel.pipeline_model_parallel_size=2"], 1e-4),
         # CP runs on the sdpa spec (all-gathered K/V); the reference's local spec differs by ~1e-7.
         ("cp2", ["parallel.context_parallel_size=2", "model.spec=sdpa"], 1e-4),
+        ("dp2_distopt", ["optim.distributed_optimizer=true"], 1e-5),
     ],
 )
 def test_first_step_loss_matches_dp1(tiny, dp1_run, layout, overrides, tol):

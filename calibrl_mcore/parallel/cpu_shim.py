@@ -18,8 +18,13 @@ Megatron hard-codes CUDA on the paths we use in four ways; each gets the narrowe
 4. `optimizer/clip_grads.py: clip_grad_by_total_norm_fp32` asserts `grad.type() == 'torch.cuda.FloatTensor'`:
    replaced (there and where `optimizer/optimizer.py` imported it) by the same scaling without the assert.
 
+5. `optimizer/distrib_optimizer.py: DistributedOptimizer._build_model_and_main_param_groups` sorts parameters
+   by `param.type()` against the `torch.cuda.*Tensor` names and rejects anything else: while it runs,
+   `Tensor.type()` (no argument) reports CPU tensors under their CUDA names. Its collectives
+   (reduce-scatter of grads, all-gather of params) run on gloo as they are.
+
 Not covered (GPU-only features): CUDA streams (`overlap_grad_reduce`, activation offloading), CUDA graphs,
-`enable_autocast`, the distributed optimizer (it checks `param.type() == 'torch.cuda.FloatTensor'`).
+`enable_autocast`.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ _CUDA_CALL_SITES: dict[str, str] = {
     "megatron.core.distributed.param_and_grad_buffer": "_ParamAndGradBuffer.__init__: param/grad buffers",
     "megatron.core.distributed.distributed_data_parallel": "offload/restore_grad_buffers: synchronize()",
     "megatron.core.optimizer.optimizer": "MixedPrecisionOptimizer/FP32Optimizer: found_inf, _scale tensors",
+    "megatron.core.optimizer.distrib_optimizer": "get_parameter_state_dp_zero (checkpoints): gather buffers",
     "megatron.core.optimizer.grad_scaler": "Constant/DynamicGradScaler: scale tensors device='cuda'",
     "megatron.core.optimizer.clip_grads": "get_grad_norm_fp32, count_zeros_fp32: device='cuda'",
     "megatron.core.utils": "local_multi_tensor_l2_norm (grad norm without apex/TE): device='cuda'",
@@ -185,8 +191,32 @@ def _clip_grad_by_total_norm_cpu(
         torch._foreach_mul_(grads, clip_coeff)
 
 
+_TENSOR_TYPE = torch.Tensor.type
+
+
+def _type_as_cuda(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
+    """Patch 5: `Tensor.type()` of a CPU tensor -> its CUDA name ('torch.FloatTensor' -> 'torch.cuda.FloatTensor')."""
+    if dtype is None and not kwargs and self.device.type == "cpu":
+        return _TENSOR_TYPE(self).replace("torch.", "torch.cuda.", 1)
+    return _TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
+
+
+def _cpu_params_look_like_cuda(build: Any) -> Any:
+    """Patch 5: run DistributedOptimizer's parameter sorting with `Tensor.type()` reporting CUDA names."""
+
+    @functools.wraps(build)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        torch.Tensor.type = _type_as_cuda
+        try:
+            return build(*args, **kwargs)
+        finally:
+            torch.Tensor.type = _TENSOR_TYPE
+
+    return staticmethod(wrapper)
+
+
 def apply_cpu_shim() -> None:
-    """Apply all four patches (idempotent). Call after nothing else; safe to call many times."""
+    """Apply all five patches (idempotent). Call after nothing else; safe to call many times."""
     global _applied
     if _applied:
         return
@@ -209,6 +239,12 @@ def apply_cpu_shim() -> None:
 
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    DistributedOptimizer._build_model_and_main_param_groups = _cpu_params_look_like_cuda(
+        DistributedOptimizer._build_model_and_main_param_groups
+    )
     _applied = True
 
 

@@ -25,6 +25,11 @@ from megatron.core import dist_checkpointing, tensor_parallel
 
 log = logging.getLogger(__name__)
 
+# Distributed-optimizer state is saved 'fully_reshardable' (loadable at any TP/PP/DP); Megatron 0.16's default
+# ('fully_sharded_model_space') builds flattened ShardedTensors that its own checkpointing now rejects.
+# The plain optimizer ignores the key.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
 
 def _rng_state() -> dict:
     return {
@@ -80,7 +85,8 @@ class CheckpointManager:
             (tmp / "megatron").mkdir(parents=True)
         dist.barrier()
         model_sd = policy.model.module.sharded_state_dict()
-        sharded = {"model": model_sd, "optimizer": policy.optimizer.sharded_state_dict(model_sd)}
+        sharded = {"model": model_sd,
+                   "optimizer": policy.optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA)}
         dist_checkpointing.save(sharded, str(tmp / "megatron"))
         torch.save({"rng": _rng_state(), "scheduler": policy.scheduler.state_dict()}, tmp / f"rank{rank}.pt")
         dist.barrier()
@@ -108,7 +114,8 @@ class CheckpointManager:
         if not (path / "COMPLETE").is_file():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
         model_sd = policy.model.module.sharded_state_dict()
-        sharded = {"model": model_sd, "optimizer": policy.optimizer.sharded_state_dict(model_sd, is_loading=True)}
+        sharded = {"model": model_sd, "optimizer": policy.optimizer.sharded_state_dict(
+            model_sd, is_loading=True, metadata=OPTIMIZER_METADATA)}
         state = dist_checkpointing.load(sharded, str(path / "megatron"))
         policy.model.module.load_state_dict(state["model"])
         policy.optimizer.load_state_dict(state["optimizer"])

@@ -23,7 +23,7 @@ def evaluate_checkpoint(cfg: Config, model_path: str | None = None, limit: int |
         urls = [server.url]
     try:
         with RolloutClient(urls, api_key=cfg.rollout.api_key or None, timeout=cfg.rollout.timeout_s) as client:
-            stage = RolloutStage(cfg.rollout, cfg.algo, model_path, client)
+            stage = RolloutStage(cfg.rollout, cfg.algo, model_path, client, cfg.data.image_backend)
             return stage.evaluate([dataset[i] for i in range(n)])
     finally:
         if server is not None:

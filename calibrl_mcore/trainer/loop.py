@@ -57,7 +57,8 @@ class Trainer:
         self.is_rank0 = self.info.rank == 0
         self.run_dir = Path(cfg.train.run_dir)
         total_updates = cfg.train.steps * cfg.train.mini_batches_per_step
-        self.policy = MegatronPolicy(cfg.model, cfg.optim, total_steps=total_updates)
+        self.policy = MegatronPolicy(cfg.model, cfg.optim, total_steps=total_updates,
+                                     sequence_parallel=cfg.parallel.sequence_parallel)
         self.position_ids = lambda ids, grid, attn: position_ids(self.policy.hf_config, ids, grid, attn)
         self.dataset = PromptDataset.from_path(cfg.data.train_path, max_images=cfg.data.max_images,
                                                seed=cfg.data.seed)
@@ -268,7 +269,8 @@ class Trainer:
         return dataclasses.replace(algo, alpha=alpha, lam=self.coefficients.lam(self.step))
 
     def _forward_logprobs(self, rows: Sequence[Row], indices: list[int]) -> dict[int, torch.Tensor]:
-        mbs = [collate(rows, c, self.position_ids, pad_id=self.pad_id)
+        mbs = [collate(rows, c, self.position_ids, pad_id=self.pad_id,
+                       pad_multiple=self.policy.pad_multiple)
                for c in chunk_by_length(indices, rows, self.cfg.train.micro_batch_size)]
         outputs = self.policy.run(mbs, logprob_fn(self.cfg.rollout.temperature), forward_only=True)
         result: dict[int, torch.Tensor] = {}
@@ -314,7 +316,8 @@ class Trainer:
                 "is_expert": lambda i: bool(rows[i].is_expert),
                 "gate": lambda i: (baselines[rows[i].group_id][2] if rows[i].group_id in baselines else 1.0),
             }
-        mbs = [collate(rows, c, self.position_ids, token_extras, row_extras, pad_id=self.pad_id)
+        mbs = [collate(rows, c, self.position_ids, token_extras, row_extras, pad_id=self.pad_id,
+                       pad_multiple=self.policy.pad_multiple)
                for c in chunk_by_length(indices, rows, self.cfg.train.micro_batch_size)]
         metrics: dict[str, float] = {}
         t0 = time.perf_counter()

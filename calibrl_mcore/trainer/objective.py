@@ -14,6 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from calibrl_mcore.algo.aggregation import LossNormalizer, aggregate
+from calibrl_mcore.algo.fused_logprob import chunked_logprobs_and_entropy
 from calibrl_mcore.algo.losses import LOSS_FNS
 from calibrl_mcore.config import AlgoConfig
 from calibrl_mcore.trainer.policy import MicroBatch
@@ -62,23 +63,34 @@ def logprobs_and_entropy(
 
 
 def response_logprobs_and_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, *, entropy_grad: bool = False
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    entropy_grad: bool = False,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like `logprobs_and_entropy` but computed only where `mask` [b, s] holds, zeros elsewhere.
+    """(log π(labels), entropy) of softmax(logits / temperature), both [b, s] fp32, only where `mask` [b, s]
+    holds (zeros elsewhere).
 
     RL prompts (with their image tokens) are usually longer than the responses, and only response
-    positions enter the loss: selecting them first saves most of the [tokens, vocab] work.
+    positions enter the loss: selecting them first saves most of the [tokens, vocab] work. The selected
+    rows go through the chunked fused kernel (`algo.fused_logprob`): fp32 a chunk of tokens at a time,
+    vocab-parallel under TP, never a whole fp32 [tokens, V] copy. The entropy is a metric unless
+    `entropy_grad` (an entropy bonus in the loss).
     """
     mask = mask.to(logits.device)
-    sel_logp, sel_ent = logprobs_and_entropy(logits[mask].unsqueeze(0), labels.to(logits.device)[mask].unsqueeze(0),
-                                             entropy_grad=entropy_grad)  # [1, n]
-    logp = torch.zeros(mask.shape, dtype=sel_logp.dtype, device=logits.device).masked_scatter(mask, sel_logp[0])
-    ent = torch.zeros(mask.shape, dtype=sel_ent.dtype, device=logits.device).masked_scatter(mask, sel_ent[0])
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    sel_logp, sel_ent = chunked_logprobs_and_entropy(
+        logits[mask],  # [n, V/tp]
+        labels.to(logits.device)[mask],  # [n]
+        tp_group=parallel_state.get_tensor_model_parallel_group() if tp > 1 else None,
+        entropy_grad=entropy_grad and torch.is_grad_enabled(),
+        temperature=temperature,
+    )
+    logp = torch.zeros(mask.shape, dtype=sel_logp.dtype, device=logits.device).masked_scatter(mask, sel_logp)
+    ent = torch.zeros(mask.shape, dtype=sel_ent.dtype, device=logits.device).masked_scatter(mask, sel_ent)
     return logp, ent
-
-
-def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return logits if temperature == 1.0 else logits / temperature
 
 
 def logprob_fn(temperature: float = 1.0, with_entropy: bool = False) -> LossFn:
@@ -88,8 +100,7 @@ def logprob_fn(temperature: float = 1.0, with_entropy: bool = False) -> LossFn:
     """
 
     def fn(mb: MicroBatch, logits: torch.Tensor):
-        logits = _scaled(logits, temperature)
-        logp, entropy = response_logprobs_and_entropy(logits, mb.labels, mb.loss_mask)
+        logp, entropy = response_logprobs_and_entropy(logits, mb.labels, mb.loss_mask, temperature=temperature)
         out = {"row_index": mb.row_index, "logp": gather_from_cp(logp.detach(), 1)}
         if with_entropy:
             out["entropy"] = gather_from_cp(entropy.detach(), 1)
@@ -121,11 +132,10 @@ def rl_loss_fn(cfg: AlgoConfig, normalizer: LossNormalizer, temperature: float =
     need_entropy_grad = cfg.entropy_coef != 0.0
 
     def fn(mb: MicroBatch, logits: torch.Tensor):
-        logits = _scaled(logits, temperature)
         dev = logits.device
         x = {k: v.to(dev) for k, v in mb.extras.items()}
         logp, entropy = response_logprobs_and_entropy(logits, mb.labels, mb.loss_mask,
-                                                      entropy_grad=need_entropy_grad)
+                                                      entropy_grad=need_entropy_grad, temperature=temperature)
         common = dict(
             clip_low=cfg.clip_low,
             clip_high=cfg.clip_high,

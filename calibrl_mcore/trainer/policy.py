@@ -36,7 +36,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from safetensors import safe_open
 
 from calibrl_mcore.config import ModelConfig, OptimConfig
-from model_providers.context_parallel import cp_size_rank, split_for_cp
+from calibrl_mcore.parallel.fused import log_fused_backends
+from model_providers.context_parallel import cp_pad_multiple, cp_size_rank, split_for_cp
 from model_providers.hf_mapping import Placement, gather_megatron_to_hf, get_mapping, load_hf_weights
 from model_providers.registry import build_model
 
@@ -108,7 +109,14 @@ def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
 class MegatronPolicy:
     """This rank's pipeline stage of the policy, wrapped for training."""
 
-    def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig | None, *, total_steps: int = 1) -> None:
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        optim_cfg: OptimConfig | None,
+        *,
+        total_steps: int = 1,
+        sequence_parallel: bool = False,
+    ) -> None:
         self.hf_config = read_hf_config(model_cfg.hf_path)
         self.arch = self.hf_config.model_type
         self.dtype = DTYPES[model_cfg.dtype]
@@ -121,6 +129,7 @@ class MegatronPolicy:
             recompute=model_cfg.recompute,
             fp8=model_cfg.fp8,
             fp8_bf16_layers=tuple(model_cfg.fp8_bf16_layers),
+            sequence_parallel=sequence_parallel,
         )
         self.mapping = get_mapping(self.arch, self.hf_config, model.backend)
         self.placement = Placement.from_parallel_state(model.config)
@@ -131,7 +140,16 @@ class MegatronPolicy:
         if device is not None:
             model.cuda(device)
         self.device = device or torch.device("cpu")
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
+        # Micro-batch lengths must split into 2·CP chunks (context parallelism), each a multiple of TP
+        # under sequence parallelism.
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.pad_multiple = cp_pad_multiple() * (tp if sequence_parallel else 1)
+        self.distributed_optimizer = bool(optim_cfg and optim_cfg.distributed_optimizer)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=self.distributed_optimizer,
+        )
         self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=model)
         self.config.finalize_model_grads_func = finalize_model_grads
         self.config.no_sync_func = self.model.no_sync
@@ -139,6 +157,8 @@ class MegatronPolicy:
         self.scheduler = None
         if optim_cfg is not None:
             self._build_optimizer(optim_cfg, total_steps)
+        if torch.distributed.get_rank() == 0:
+            log_fused_backends(spec_backend=model.backend)  # which Adam / norm kernels run, and why
 
     # -- optimizer -----------------------------------------------------------------------------------------
 
@@ -154,7 +174,7 @@ class MegatronPolicy:
             clip_grad=cfg.grad_clip,
             bf16=self.dtype == torch.bfloat16,
             params_dtype=self.dtype,
-            use_distributed_optimizer=False,
+            use_distributed_optimizer=cfg.distributed_optimizer,
         )
         self.optimizer = get_megatron_optimizer(opt_config, [self.model])
         self.scheduler = OptimizerParamScheduler(

@@ -33,6 +33,7 @@ def sft(cfg: Config) -> Path:
     info = init_distributed(ParallelConfig(
         tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
+        context_parallel_size=cfg.parallel.context_parallel_size,
         seed=cfg.parallel.seed,
     ))
     try:
@@ -45,11 +46,12 @@ def _sft(cfg: Config, is_rank0: bool) -> Path:
     run_dir = Path(cfg.train.run_dir)
     out_dir = Path(cfg.sft.out_dir or run_dir / "sft_hf")
     optim = replace(cfg.optim, lr=cfg.sft.lr, lr_schedule="constant", warmup_steps=0)
-    policy = MegatronPolicy(cfg.model, optim, total_steps=cfg.sft.steps)
+    policy = MegatronPolicy(cfg.model, optim, total_steps=cfg.sft.steps,
+                            sequence_parallel=cfg.parallel.sequence_parallel)
     pos = lambda ids, grid, attn: position_ids(policy.hf_config, ids, grid, attn)  # noqa: E731
     dataset = PromptDataset.from_path(cfg.data.train_path, max_images=cfg.data.max_images, seed=cfg.data.seed)
     sampler = PromptSampler(len(dataset), seed=cfg.data.seed)
-    encoder = PromptEncoder(cfg.model.hf_path) if is_rank0 else None
+    encoder = PromptEncoder(cfg.model.hf_path, cfg.data.image_backend) if is_rank0 else None
     logger = MetricsLogger(run_dir / "sft", enabled=is_rank0, tensorboard=cfg.train.tensorboard,
                            progress_total=cfg.sft.steps if cfg.train.progress else None)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
@@ -68,7 +70,8 @@ def _sft(cfg: Config, is_rank0: bool) -> Path:
         dist.broadcast_object_list(payload, src=0)
         rows, pad_id = payload[0]
         local = list(range(len(rows)))[dp_rank::dp]
-        mbs = [collate(rows, c, pos, pad_id=pad_id) for c in chunk_by_length(local, rows, cfg.train.micro_batch_size)]
+        mbs = [collate(rows, c, pos, pad_id=pad_id, pad_multiple=policy.pad_multiple)
+               for c in chunk_by_length(local, rows, cfg.train.micro_batch_size)]
         metrics: dict[str, float] = {}
         if last:
             norm = compute_loss_normalizer([mb.loss_mask for mb in mbs], "token-mean",

@@ -2,7 +2,7 @@
 
 Every method starts the same way: each pipeline stage exports its own parameters under HF names,
 gathered over TP one tensor at a time (`hf_mapping.gather_megatron_to_hf`), and the stage's
-(DP 0, TP 0) rank sends them in buckets of at most `bucket_mb`, so no rank ever holds a full-model
+(DP 0, CP 0, TP 0) rank sends them in buckets of at most `bucket_mb`, so no rank ever holds a full-model
 copy. Each bucket carries the new weight version; servers report it with every response.
 
 method "tensor" (the embedded server): buckets are safetensors payloads on `/update_weights_from_tensor`.
@@ -91,7 +91,7 @@ class WeightSync:
         self.src_dir, self.stage_dir = src_dir, Path(stage_dir) if stage_dir else None
         self.bucket_bytes = bucket_mb * 2**20
         self.pusher = (
-            parallel_state.get_data_parallel_rank() == 0
+            parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
             and parallel_state.get_tensor_model_parallel_rank() == 0
         )
         if method == "disk":
@@ -115,7 +115,7 @@ class WeightSync:
                 self.client.update_weights_from_disk(str(path), weight_version=version)
             dist.barrier()
             return
-        if parallel_state.get_data_parallel_rank() == 0:
+        if parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0:
             send = self._send_tensors if self.method == "tensor" else self._broadcast_bucket
             if self.client is not None and self.method == "distributed" and self._group is None:
                 self._join_group()
