@@ -20,7 +20,8 @@ old/expert log-prob forward, the mini-batch updates, the weight push. Per GPU it
             (2·N FLOPs/token), training (6·N + attention, +2·N with full recompute) at `mfu` of peak, TP
             all-reduces (2 per layer forward, 2 backward, over NVLink), the PP bubble (p−1)/(m+p−1), the DP
             gradient all-reduce / reduce-scatter per optimizer step (NVLink inside a node, IB across), the
-            optimizer update (HBM bound) and the weight sync.
+            optimizer update (HBM bound) and the weight sync. The vision tower is replicated over CP (its
+            FLOPs and activations are not split by CP).
 
 Activation bytes per token per decoder layer (bf16, flash attention, Korthikanti et al. 2022 adapted to
 SwiGLU + GQA): 8h (norm inputs/outputs; /TP only with sequence parallelism) + [2(d_q + 2 d_kv) + 2 d_q + 6f]/TP.
@@ -315,7 +316,8 @@ def pass_s(model: ModelShape, w: Workload, lay: Layout, hw: Hardware, a: Assumpt
         patches = w.avg_image_tokens * model.vision.patches_per_token
         vis = rows * patches * model.vision_train_flops_per_patch(patches)
         vis_flops = vis * ((4 / 3 if lay.recompute == "full" else 1.0) if backward else 1 / 3)
-    compute = flops / (lay.gpus * peak * a.mfu) + vis_flops / (lay.gpus * peak * a.vision_mfu)
+    # the ViT is replicated over CP (model_providers/context_parallel.py): every CP rank runs all the patches
+    compute = flops / (lay.gpus * peak * a.mfu) + vis_flops * lay.cp / (lay.gpus * peak * a.vision_mfu)
     # pipeline bubble
     m = micro_batches_per_rank(w, lay) if backward else max(1, math.ceil(rows / lay.dp / w.micro_batch))
     compute *= (m + lay.pp - 1) / m
@@ -371,10 +373,14 @@ def _divisors(n: int, limit: int) -> list[int]:
 def candidate_layouts(model: ModelShape, gpus: int, hw: Hardware, w: Workload, *, current_trainer: bool = False,
                       cps: tuple[int, ...] | None = None) -> list[Layout]:
     """Valid (TP, PP, CP, DP) × recompute × optimizer sharding; rollout TP is chosen per layout later.
-    TP divides attention heads, KV groups and ViT heads and stays inside a node; PP divides the layers.
-    `current_trainer`: only what calibrl_mcore/trainer/policy.py and model_providers/ build today (no
-    distributed optimizer, no sequence parallelism, no context parallelism)."""
-    cps = cps or ((1,) if current_trainer else (1, 2))
+    TP divides attention heads, KV groups and ViT heads and stays inside a node; PP divides the layers;
+    CP ∈ {1, 2}; sequence parallelism whenever TP > 1; the distributed optimizer on or off when DP×CP > 1.
+    `current_trainer` (kept for callers and `--current-trainer`): only what calibrl_mcore/trainer/policy.py
+    and model_providers/ build. They now build every layout considered here — Megatron's distributed
+    optimizer over DP×CP (`optim.distributed_optimizer`), sequence parallelism (`parallel.sequence_parallel`,
+    TP > 1 with model.spec=te, which the shipped GPU configs use) and CP with the te and sdpa specs — so it
+    no longer restricts the search."""
+    cps = cps or (1, 2)
     vis_heads = model.vision.heads if model.vision else model.heads
     tps = [t for t in _divisors(hw.gpus_per_node, hw.gpus_per_node)
            if model.heads % t == 0 and model.kv_heads % t == 0 and vis_heads % t == 0]
@@ -387,10 +393,10 @@ def candidate_layouts(model: ModelShape, gpus: int, hw: Hardware, w: Workload, *
                 dp = gpus // (tp * pp * cp)
                 if w.trained_rows // w.mini_batches < dp:  # the trainer's own layout check
                     continue
-                shardable = dp * cp > 1 and not current_trainer  # the distributed optimizer needs DP×CP > 1
+                shardable = dp * cp > 1  # the distributed optimizer shards over DP×CP: nothing to shard at 1
                 for rec in ("none", "full"):
                     for dist in ((False, True) if shardable else (False,)):
-                        out.append(Layout(tp, pp, cp, dp, rec, dist, sequence_parallel=tp > 1 and not current_trainer))
+                        out.append(Layout(tp, pp, cp, dp, rec, dist, sequence_parallel=tp > 1))
     return out
 
 
@@ -420,13 +426,14 @@ def rank_layouts(model: ModelShape, gpus: int, hw: Hardware, w: Workload, a: Ass
 
 
 def layout_from_config(cfg, gpus: int) -> Layout:
-    """The layout a config runs on `gpus` GPUs (today's trainer: no distributed optimizer, no SP)."""
+    """The layout a config runs on `gpus` GPUs: parallel sizes, `parallel.sequence_parallel`, `model.recompute`,
+    `optim.distributed_optimizer` and the colocated engine's `rollout.server_tp_size` / `server_mem_fraction`."""
     p = cfg.parallel
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
     if gpus % (tp * pp * cp):
         raise ValueError(f"{gpus} GPUs are not divisible by TP×PP×CP = {tp}×{pp}×{cp}")
-    return Layout(tp, pp, cp, gpus // (tp * pp * cp), cfg.model.recompute, False, False,
-                  cfg.rollout.server_tp_size, cfg.rollout.server_mem_fraction)
+    return Layout(tp, pp, cp, gpus // (tp * pp * cp), cfg.model.recompute, bool(cfg.optim.distributed_optimizer),
+                  bool(p.sequence_parallel), cfg.rollout.server_tp_size, cfg.rollout.server_mem_fraction)
 
 
 # ------------------------------------------------------------------------------------------- output
@@ -464,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vision-mfu", type=float, default=Assumptions.vision_mfu)
     ap.add_argument("--top", type=int, default=5, help="feasible layouts shown per cluster size")
     ap.add_argument("--current-trainer", action="store_true",
-                    help="only layouts today's trainer builds (no distributed optimizer / sequence parallel)")
+                    help="only layouts the trainer builds: since it builds the distributed optimizer, sequence "
+                         "parallelism and CP, the same search as without the flag (kept for scripts)")
     ap.add_argument("--avg-prompt", type=float, default=None)
     ap.add_argument("--avg-response", type=float, default=None)
     ap.add_argument("--image-tokens", type=int, default=None, help="worst-case image tokens per sequence")
@@ -472,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--constants", action="store_true", help="print the hardware + assumption table")
     ap.add_argument("--overrides", default=None, metavar="LAYOUT_YAML", help="print a layout as key=value")
     ap.add_argument("--write-layouts", default=None, metavar="DIR",
-                    help="write the best current-trainer layout per shipped model × --gpus as override files")
+                    help="write the fastest feasible layout per shipped model × --gpus as override files")
     args = ap.parse_args(argv)
     a = Assumptions(mfu=args.mfu, vision_mfu=args.vision_mfu)
     hw = HARDWARE[args.gpu]
@@ -506,8 +514,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{hw.name}, mfu {a.mfu}; {w.prompts} prompts × {w.samples} samples, {w.mini_batches} optimizer steps, "
           f"micro-batch {w.micro_batch} × {w.max_prompt}+{w.max_response} tokens; averages prompt {w.avg_prompt:.0f}, "
           f"response {w.avg_response:.0f}, image tokens {w.avg_image_tokens:.0f} (worst {w.image_tokens}); layouts: "
-          + ("today's trainer (no distributed optimizer, sequence or context parallelism)" if args.current_trainer
-             else "sequence parallel with TP, CP <= 2, with/without the distributed optimizer") + "\n")
+          + "sequence parallel with TP, CP <= 2, with/without the distributed optimizer (all of which the trainer "
+          "builds)\n")
     for gpus in args.gpus:
         ok, bad = rank_layouts(model, gpus, hw, w, a, current_trainer=args.current_trainer)
         if not ok:

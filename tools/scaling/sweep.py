@@ -13,6 +13,7 @@ ranks, the colocated rollout server) every 0.2 s, then reads `<out>/<layout>/met
 the *relative* scaling between layouts is compared; the planner's GPU memory/time numbers do not apply).
 
 Layout files (configs/layouts/<model>_h100x<N>.yaml) are YAMLs of overrides merged after a model config:
+`calibrl_mcore.config.load_config(model_yaml, layout=<file or name>)` (`calibrl train --layout NAME`), or
 `load_with_layout(model_yaml, layout_yaml)`; `layout_overrides(layout_yaml)` gives the `key=value` list for
 the command line; `write_layouts` regenerates them from the planner (`planner.py --write-layouts DIR`).
 """
@@ -79,37 +80,49 @@ def load_with_layout(model_yaml: str | Path, layout_yaml: str | Path, overrides:
     """The model config with a cluster layout's overrides merged on top (then `overrides`); validated."""
     from calibrl_mcore.config import load_config
 
-    return load_config(model_yaml, layout_overrides(layout_yaml) + list(overrides or []))
+    return load_config(model_yaml, list(overrides or []), layout=layout_yaml)
 
 
 def render_layout(model_name: str, p: Plan, hw: Hardware, a: Assumptions) -> str:
-    """The override YAML of a current-trainer plan, with the planner's estimate in its header."""
+    """The override YAML of a plan, with the planner's estimate in its header."""
     lay, m, t, n = p.layout, p.memory, p.time, p.layout.gpus
     fraction = math.floor(m["rollout_total"] / hw.memory_gib * 100) / 100  # floor: never more than planned
     nodes = n // hw.gpus_per_node
     where = f"{nodes} node{'s' if nodes > 1 else ''} × {hw.gpus_per_node}" if nodes else f"{n} GPUs"
+    sp = "on" if lay.sequence_parallel else "off"
+    dist = f"on (sharded over DP × CP = {lay.dp * lay.cp})" if lay.distributed_optimizer else "off"
     return f"""# {model_name} on {n} × {hw.name} ({where}): TP {lay.tp} × PP {lay.pp} × CP {lay.cp} × DP {lay.dp},
-# recompute {lay.recompute}; SGLang engines of TP {lay.rollout_tp} colocated with training on every GPU.
-# Planner estimate (--current-trainer, mfu {a.mfu}): {m["train_total"]:.1f} GiB training + {m["rollout_total"]:.1f} \
-GiB rollout per GPU;
+# recompute {lay.recompute}, sequence parallelism {sp}, distributed optimizer {dist};
+# SGLang engines of TP {lay.rollout_tp} colocated with training on every GPU.
+# Planner estimate (mfu {a.mfu}): {m["train_total"]:.1f} GiB training + {m["rollout_total"]:.1f} GiB rollout per GPU;
 # step {t["step"]:.0f} s = generation {t["generation"]:.0f} + log-probs {t["logprobs"]:.0f} + train {t["train"]:.0f} \
 + weight sync {t["weight_sync"]:.0f}.
 # Written by `python tools/scaling/planner.py --write-layouts configs/layouts`. Apply with
-#   calibrl train --config configs/{model_name}.yaml $(python tools/scaling/planner.py --overrides <this file>)
+#   calibrl train --config configs/{model_name}.yaml --layout {layout_file_name(model_name, hw, n)}
+# or  calibrl train --config configs/{model_name}.yaml $(python tools/scaling/planner.py --overrides <this file>)
 parallel:
   tensor_model_parallel_size: {lay.tp}
   pipeline_model_parallel_size: {lay.pp}
   context_parallel_size: {lay.cp}
+  sequence_parallel: {str(lay.sequence_parallel).lower()}
 model:
   recompute: {lay.recompute}
+optim:
+  distributed_optimizer: {str(lay.distributed_optimizer).lower()}
 rollout:
   server_tp_size: {lay.rollout_tp}
   server_mem_fraction: {fraction}
 """
 
 
+def layout_file_name(model_name: str, hw: Hardware, gpus: int) -> str:
+    """`qwen2_5_vl_32b_h100x32`: the stem of a layout file, also its name for `calibrl train --layout`."""
+    return f"{model_name}_{hw.name.split('-')[0]}x{gpus}"
+
+
 def write_layouts(out_dir: Path, models: list[str], sizes: list[int], hw: Hardware, a: Assumptions) -> list[Path]:
-    """The fastest current-trainer layout per model × cluster size as override files; infeasible sizes skipped."""
+    """The planner's fastest feasible layout per model × cluster size as override files (file name
+    `layout_file_name`); infeasible sizes are skipped."""
     from calibrl_mcore.config import load_config
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -117,9 +130,9 @@ def write_layouts(out_dir: Path, models: list[str], sizes: list[int], hw: Hardwa
     for name in models:
         w = Workload.from_config(load_config(REPO / "configs" / f"{name}.yaml"))
         for gpus in sizes:
-            ok, _ = rank_layouts(get_model(name), gpus, hw, w, a, current_trainer=True)
+            ok, _ = rank_layouts(get_model(name), gpus, hw, w, a)
             if ok:
-                path = out_dir / f"{name}_{hw.name.split('-')[0]}x{gpus}.yaml"
+                path = out_dir / f"{layout_file_name(name, hw, gpus)}.yaml"
                 path.write_text(render_layout(name, ok[0], hw, a))
                 written.append(path)
     return written
