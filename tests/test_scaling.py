@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -16,9 +17,11 @@ from tools.scaling.models import MODELS, ModelShape
 from tools.scaling.sweep import (
     SHIPPED_MODELS,
     anchor_results,
+    layout_file_name,
     layout_overrides,
     load_with_layout,
     parse_layout,
+    render_layout,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,9 +162,14 @@ def test_ranking_is_deterministic_and_sorted():
     assert names[0] == names[1] and len(names[0]) > 3
     steps = [p.step_s for p in runs[0]]
     assert steps == sorted(steps)
+    # the trainer builds every layout the planner considers: `current_trainer` is the full search
     current = P.rank_layouts(MODELS["qwen2_5_vl_7b"], 16, H100, w, current_trainer=True)[0]
-    assert all(not p.layout.distributed_optimizer and not p.layout.sequence_parallel and p.layout.cp == 1
-               for p in current)
+    assert [(p.layout, p.step_s) for p in current] == names[0]
+    layouts = [p.layout for p in current]
+    assert all(lay.sequence_parallel == (lay.tp > 1) for lay in layouts)  # SP whenever TP > 1
+    assert all(lay.dp * lay.cp > 1 for lay in layouts if lay.distributed_optimizer)
+    assert {lay.cp for lay in layouts} == {1, 2}
+    assert any(lay.distributed_optimizer for lay in layouts) and any(lay.sequence_parallel for lay in layouts)
 
 
 def test_planner_cli_prints_the_32b_table(capsys):
@@ -221,12 +229,67 @@ def test_layout_file_merges_validates_and_fits(path):
 
 
 def test_every_feasible_cluster_size_has_a_layout_file():
+    """One file per model × size where a layout fits, holding the planner's fastest layout (regenerate with
+    `planner.py --write-layouts configs/layouts` after changing the planner)."""
     shipped = {p.stem for p in LAYOUTS}
     for name in SHIPPED_MODELS:
         w = P.Workload.from_config(load_config(CONFIGS / f"{name}.yaml"))
         for gpus in (8, 16, 32, 64):
-            ok = P.rank_layouts(MODELS[name], gpus, H100, w, current_trainer=True)[0]
-            assert (f"{name}_h100x{gpus}" in shipped) == bool(ok), (name, gpus)
+            ok = P.rank_layouts(MODELS[name], gpus, H100, w)[0]
+            stem = f"{name}_h100x{gpus}"
+            assert (stem in shipped) == bool(ok), (name, gpus)
+            if ok:
+                lay = P.layout_from_config(load_config(CONFIGS / f"{name}.yaml", layout=stem), gpus)
+                assert lay == replace(ok[0].layout, rollout_mem_fraction=lay.rollout_mem_fraction), stem
+
+
+def test_model_configs_carry_the_layout_they_cite():
+    """Each real-run config's parallel / recompute / dist-opt / rollout-engine values are those of the layout
+    file its `parallel:` comment names, so merging that layout changes nothing."""
+    for name in SHIPPED_MODELS:
+        path = CONFIGS / f"{name}.yaml"
+        cited = re.search(r"^parallel:.*the layout of configs/layouts/(\w+)\.yaml", path.read_text(), re.M)
+        assert cited, f"{path.name}: the parallel section should cite its layout file"
+        assert cited.group(1).startswith(f"{name}_h100x"), cited.group(1)
+        assert load_config(path) == load_config(path, layout=cited.group(1)), cited.group(1)
+
+
+def test_layout_with_distributed_optimizer_and_sp_loads_and_reads_back(tmp_path, monkeypatch):
+    """A layout file with the distributed optimizer and sequence parallelism goes through
+    `load_config(model_yaml, layout=...)` (a path or a configs/layouts name, as `calibrl train --layout`)
+    and `layout_from_config` reads both keys back."""
+    from calibrl_mcore import cli
+
+    model_yaml = CONFIGS / "qwen2_5_vl_7b.yaml"
+    cfg = load_config(model_yaml)
+    w = P.Workload.from_config(cfg)
+    want = P.Layout(tp=4, pp=2, cp=2, dp=2, recompute="full", distributed_optimizer=True, sequence_parallel=True,
+                    rollout_tp=4)
+    plan = P.plan(MODELS["qwen2_5_vl_7b"], w, want, H100)
+    assert plan.feasible, plan.reason
+    text = render_layout("qwen2_5_vl_7b", plan, H100, P.Assumptions())
+    assert "sequence parallelism on" in text and "distributed optimizer on (sharded over DP × CP = 4)" in text
+    path = tmp_path / f"{layout_file_name('qwen2_5_vl_7b', H100, 32)}.yaml"
+    path.write_text(text)
+    cfg = load_config(model_yaml, layout=path)
+    assert cfg.parallel.sequence_parallel is True and cfg.optim.distributed_optimizer is True
+    assert cfg.parallel.context_parallel_size == 2 and cfg.model.recompute == "full"
+    assert cfg == load_with_layout(model_yaml, path) == load_config(model_yaml, layout_overrides(path))
+    lay = P.layout_from_config(cfg, 32)
+    assert lay == replace(want, rollout_mem_fraction=cfg.rollout.server_mem_fraction)
+    # the same keys from a shipped layout, by name, through the CLI's --layout
+    shipped = [p for p in LAYOUTS if "distributed_optimizer: true" in p.read_text()
+               and "sequence_parallel: true" in p.read_text()]
+    assert shipped, "no shipped layout uses both the distributed optimizer and sequence parallelism"
+    stem = shipped[0].stem
+    seen = []
+    monkeypatch.setattr(cli, "cmd_train", lambda args: seen.append(cli._config(args)) or 0)
+    assert cli.main(["train", "--config", str(CONFIGS / f"{stem.split('_h100x')[0]}.yaml"), "--layout", stem]) == 0
+    lay = P.layout_from_config(seen[0], int(stem.split("_h100x")[1]))
+    assert lay.distributed_optimizer and lay.sequence_parallel and lay.tp > 1
+    # a config without the keys reads back as plain DDP without SP
+    lay = P.layout_from_config(load_config(None, ["parallel.tensor_model_parallel_size=2"]), 4)
+    assert (lay.tp, lay.dp, lay.distributed_optimizer, lay.sequence_parallel) == (2, 2, False, False)
 
 
 def test_overrides_cli(capsys):
