@@ -22,6 +22,12 @@ GQA (ng < np query groups): with no mask tensor SDPA takes K/V with ng heads (`e
 flash supports it). With a mask tensor K/V are repeated to np heads first: CUDA's memory-efficient kernel,
 the only fused one that takes a mask, rejects ng != np and SDPA would fall back to the S x S math kernel.
 
+Context parallelism (config.context_parallel_size > 1; Megatron's local spec has none): the rank holds
+query/K/V of its two load-balanced chunks (`context_parallel`); K/V are all-gathered over the CP group
+(backward: reduce-scatter) and each local query chunk g attends causally to keys 0 .. (g + 1)·c − 1, a
+bottom-right mask against a prefix of the keys, so no S x S tensor exists. Only causal attention without an
+explicit mask (the decoder's) is supported; the vision towers are not context-parallel.
+
 Scale 1/sqrt(hn) unless `softmax_scale` (config.softmax_scale, passed in by `Attention`) says otherwise;
 `apply_query_key_layer_scaling` divides the scores by the layer number and multiplies them back inside the
 fp32 softmax, a no-op in exact arithmetic, so it is ignored here. Attention dropout (config or argument)

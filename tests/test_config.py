@@ -56,7 +56,7 @@ def test_layout_is_merged_over_the_config_and_under_overrides():
     assert cfg.parallel.tensor_model_parallel_size == layout.parallel.tensor_model_parallel_size
     assert cfg.parallel.pipeline_model_parallel_size == layout.parallel.pipeline_model_parallel_size
     assert cfg.train.prompts_per_step == 480  # from the config file, untouched by the layout
-    cfg = load_config(CONFIGS / "qwen2_5_vl_32b.yaml", ["parallel.tensor_model_parallel_size=1"],
+    cfg = load_config(CONFIGS / "qwen2_5_vl_32b.yaml", ["parallel.tensor_model_parallel_size=1", "parallel.sequence_parallel=false"],
                       layout=CONFIGS / "layouts/qwen2_5_vl_32b_h100x16.yaml")
     assert cfg.parallel.tensor_model_parallel_size == 1
     with pytest.raises(ConfigError, match="neither a file nor one of configs/layouts: .*qwen2_5_vl_3b_h100x8"):

@@ -240,17 +240,20 @@ def test_single_process_two_steps(dp1_run):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize(
-    ("layout", "overrides", "tol"),
+    ("layout", "overrides", "tol", "grad_tol"),
     [
-        ("dp2", [], 1e-5),
-        ("tp2", ["parallel.tensor_model_parallel_size=2"], 1e-4),
-        ("pp2", ["parallel.pipeline_model_parallel_size=2"], 1e-4),
-        # CP runs on the sdpa spec (all-gathered K/V); the reference's local spec differs by ~1e-7.
-        ("cp2", ["parallel.context_parallel_size=2", "model.spec=sdpa"], 1e-4),
-        ("dp2_distopt", ["optim.distributed_optimizer=true"], 1e-5),
+        ("dp2", [], 1e-5, 1e-4),
+        ("tp2", ["parallel.tensor_model_parallel_size=2"], 1e-4, 1e-4),
+        ("pp2", ["parallel.pipeline_model_parallel_size=2"], 1e-4, 1e-4),
+        # CP runs on the sdpa spec (all-gathered K/V), whose logits differ from the reference's local spec by
+        # ~1e-7. Sampled responses that copy the expert's prefix have log π == expert log-prob exactly, i.e.
+        # sit on the kink of CalibRL's LeakyReLU, where a 1e-7 change picks the slope (1 or α) of the
+        # gradient: grad norms differ by up to ~3e-4 rel. With α = 1 (no kink) the same runs agree to 1.2e-7.
+        ("cp2", ["parallel.context_parallel_size=2", "model.spec=sdpa"], 1e-4, 1e-3),
+        ("dp2_distopt", ["optim.distributed_optimizer=true"], 1e-5, 1e-4),
     ],
 )
-def test_first_step_loss_matches_dp1(tiny, dp1_run, layout, overrides, tol):
+def test_first_step_loss_matches_dp1(tiny, dp1_run, layout, overrides, tol, grad_tol):
     ref = _metrics(dp1_run)[0]
     assert abs(ref["train/loss"]) > 1e-6, f"reference loss {ref['train/loss']} is ~0: no signal to compare"
     run = _train(tiny, layout, 2, "train.steps=1", *overrides)
@@ -261,7 +264,7 @@ def test_first_step_loss_matches_dp1(tiny, dp1_run, layout, overrides, tol):
     rel = {k: _rel(got[k], ref[k]) for k in ("train/loss", "train/cal_loss", "grad_norm")}
     print(f"\n[{layout}] loss {got['train/loss']!r} vs dp1 {ref['train/loss']!r}; rel {rel}")
     assert rel["train/loss"] <= tol and rel["train/cal_loss"] <= tol, rel
-    assert rel["grad_norm"] <= 1e-4, rel
+    assert rel["grad_norm"] <= grad_tol, rel
     assert (run / "checkpoints" / "step_00000001" / "rank1.pt").is_file()  # really two ranks
 
 
@@ -329,7 +332,7 @@ def test_save_keeps_the_checkpoint_it_just_wrote(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "dist", SimpleNamespace(get_rank=lambda: 0, barrier=lambda: None))
     monkeypatch.setattr(checkpoint, "dist_checkpointing", SimpleNamespace(save=lambda sharded, path: None))
     policy = SimpleNamespace(model=SimpleNamespace(module=SimpleNamespace(sharded_state_dict=dict)),
-                             optimizer=SimpleNamespace(sharded_state_dict=lambda model_sd: {}),
+                             optimizer=SimpleNamespace(sharded_state_dict=lambda model_sd, **kw: {}),
                              scheduler=SimpleNamespace(state_dict=dict))
     mgr = checkpoint.CheckpointManager(tmp_path / "checkpoints", keep_last=2)
     for step in (9, 10):

@@ -15,7 +15,8 @@
 #   5. a few trainer steps of the tiny demo config on the GPU (nccl, bf16; embedded rollout server on
 #      the GPU), loss and rollout/trainer log-prob mismatch                   -> trainer_metrics.jsonl
 #   6. a summary with what was skipped and why                              -> summary.json
-# Each stage has its own time limit so one slow stage cannot eat the device budget of the others.
+# Each stage has its own time limit (180 + 150 + 60 + 120 s: under the 600 s per call with the install) so one
+# slow stage cannot eat the device budget of the others.
 # CPU dry run: GPU_SMOKE_SHAPE=tiny GPU_SMOKE_SEQ=64 GPU_SMOKE_DTYPE=fp32 GPU_SMOKE_SERVER_DEVICE=cpu \
 #              GPU_SMOKE_NO_WHEELS=1 PATH=.venv/bin:$PATH bash tools/gpu_smoke.sh
 set -u
@@ -52,16 +53,16 @@ for pkg in transformer_engine sglang nvidia.dali; do
     || echo "skipped: ${pkg} not installed (TE specs / FP8, SGLang server, DALI pipeline cannot be exercised here)"
 done
 
-timeout 200 python3 bench/gpu_train.py --shape "$SHAPE" --seq "$SEQ" --steps 3 --warmup 1 --out "$OUT/gpu_train.json" \
+timeout 180 python3 bench/gpu_train.py --shape "$SHAPE" --seq "$SEQ" --steps 3 --warmup 1 --out "$OUT/gpu_train.json" \
   > "$OUT/gpu_train.log" 2>&1; status gpu_train $?
 tail -5 "$OUT/gpu_train.log"
 
 if [ "$SHAPE" = tiny ]; then ROLLOUT_ARGS=(--device "$SERVER_DEVICE"); LOGPROB_ARGS=(--device cpu); else
   ROLLOUT_ARGS=(--shape "$SHAPE"); LOGPROB_ARGS=(--dtype bf16); fi
-timeout 240 python3 bench/gpu_rollout.py "${ROLLOUT_ARGS[@]}" --out "$OUT/gpu_rollout.json" \
+timeout 150 python3 bench/gpu_rollout.py "${ROLLOUT_ARGS[@]}" --out "$OUT/gpu_rollout.json" \
   > "$OUT/gpu_rollout.log" 2>&1; status gpu_rollout $?
 tail -2 "$OUT/gpu_rollout.log"
-timeout 90 python3 bench/logprob.py "${LOGPROB_ARGS[@]}" --out "$OUT/logprob.json" > "$OUT/logprob.log" 2>&1
+timeout 60 python3 bench/logprob.py "${LOGPROB_ARGS[@]}" --out "$OUT/logprob.json" > "$OUT/logprob.log" 2>&1
 status logprob $?
 tail -12 "$OUT/logprob.log"
 
@@ -69,7 +70,7 @@ work=/tmp/smoke_work; rm -rf "$work"; mkdir -p "$work"
 python3 -c "from tools.make_tiny_model import make_tiny_model; make_tiny_model('qwen2_5_vl', '$work/tiny', seed=0)" \
   > "$OUT/trainer.log" 2>&1
 python3 -m calibrl_mcore.cli data synth --out "$work/data" --n 64 --heldout 8 >> "$OUT/trainer.log" 2>&1
-timeout 150 python3 -m calibrl_mcore.cli train --config configs/tiny_cpu.yaml model.hf_path="$work/tiny" \
+timeout 120 python3 -m calibrl_mcore.cli train --config configs/tiny_cpu.yaml model.hf_path="$work/tiny" \
   model.dtype="$DTYPE" rollout.server_device="$SERVER_DEVICE" data.train_path="$work/data/train.jsonl" train.run_dir="$work/run" \
   train.steps=3 train.progress=false train.tensorboard=false >> "$OUT/trainer.log" 2>&1; status trainer $?
 cp "$work/run/metrics.jsonl" "$OUT/trainer_metrics.jsonl" 2>/dev/null || true
