@@ -314,13 +314,18 @@ def test_registry_builds_internvl(megatron_world, hf_models):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
-def test_parallel_layouts_match_transformers(tmp_path, checkpoints, hf_models, tp, pp):
+@pytest.mark.parametrize(
+    "tp,pp,cp", [(2, 1, 1), (1, 2, 1), (2, 2, 1), (2, 1, 2)], ids=["tp2", "pp2", "tp2xpp2", "tp2xcp2"]
+)
+def test_parallel_layouts_match_transformers(tmp_path, checkpoints, hf_models, tp, pp, cp):
+    """Context parallelism (plain RoPE here, M-RoPE in the Qwen tests) runs on the sdpa spec."""
     ckpt_args = [arg for name, path in checkpoints.items() for arg in ("--ckpt", f"{name}={path}")]
+    spec = "sdpa" if cp > 1 else "local"
     results = run_torchrun(
-        "internvl_parity_worker.py", tp * pp, tmp_path, "--tp", str(tp), "--pp", str(pp), *ckpt_args
-    )
-    assert len(results) == tp * pp
+        "internvl_parity_worker.py", tp * pp * cp, tmp_path,
+        "--tp", str(tp), "--pp", str(pp), "--cp", str(cp), "--spec", spec, *ckpt_args,
+    )  # fmt: skip
+    assert len(results) == tp * pp * cp
     last = [r for r in results if r["pp_rank"] == pp - 1]
     expected_keys = {f"{v}/{c}" for v in VARIANTS for c in CASES} | {"tied/text", "tied/one_image"}
     for r in last:
@@ -331,11 +336,11 @@ def test_parallel_layouts_match_transformers(tmp_path, checkpoints, hf_models, t
         exported = {name for r in results for name in r["exported"][variant]}
         assert exported == set(hf_models[variant].state_dict()) == grad_errors.keys()
         assert max(grad_errors.values()) <= TOL, {k: v for k, v in grad_errors.items() if v > TOL}
-        print(f"TP{tp} PP{pp} {variant}: max grad rel err {max(grad_errors.values()):.2e}")
+        print(f"TP{tp} PP{pp} CP{cp} {variant}: max grad rel err {max(grad_errors.values()):.2e}")
     assert not any(r["export_mismatch"] for r in results)
     for r in results:
         if r["pp_rank"] == 0:  # the tower's stage: distributed checkpoints split it over TP like the map
             for variant in VARIANTS:
                 checked, errors = r["checkpoint_sharding"][variant]
                 assert checked >= 30 and not errors, errors
-    print(f"TP{tp} PP{pp}: max |dlogits| {last[0]['logits_max_abs_diff']}")
+    print(f"TP{tp} PP{pp} CP{cp}: max |dlogits| {last[0]['logits_max_abs_diff']}")

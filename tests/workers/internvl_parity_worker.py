@@ -100,15 +100,19 @@ def _image(size: tuple[int, int], seed: int):
     return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (*size, 3), dtype=np.uint8))
 
 
-def make_case(processor, name: str) -> dict[str, torch.Tensor | None]:
-    """input_ids [b, s] (right-padded), labels [b, s] (next token), loss_mask [b, s] (real tokens),
-    pixel_values [n_tiles, 3, 56, 56]."""
+def make_case(processor, name: str, multiple: int = 1) -> dict[str, torch.Tensor | None]:
+    """input_ids [b, s] (right-padded, s a multiple of `multiple`: context parallelism), labels [b, s] (next
+    token), loss_mask [b, s] (real tokens), pixel_values [n_tiles, 3, 56, 56]."""
     texts, images = PROMPTS[name]
     kwargs = {"images": [_image(IMAGE_SIZES[k], i) for i, k in enumerate(images)]} if images else {}
     out = processor(text=texts, return_tensors="pt", padding=True, padding_side="right", **kwargs)
-    input_ids = out["input_ids"]
+    input_ids, loss_mask = out["input_ids"], out["attention_mask"].bool()
+    extra = -input_ids.shape[1] % multiple
+    if extra:
+        pad = torch.full((input_ids.shape[0], extra), processor.tokenizer.pad_token_id)
+        input_ids = torch.cat([input_ids, pad], dim=1)
+        loss_mask = torch.cat([loss_mask, torch.zeros_like(pad, dtype=torch.bool)], dim=1)
     labels = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)  # last label is arbitrary but shared
-    loss_mask = out["attention_mask"].bool()
     return {
         "input_ids": input_ids,
         "labels": labels,
@@ -153,12 +157,12 @@ def grad_rel_err(got: torch.Tensor, reference: torch.Tensor) -> float:
 # ---- the distributed run -----------------------------------------------------------------------------------
 
 
-def _build_megatron(hf_model, info):
+def _build_megatron(hf_model, info, spec: str = "local"):
     from model_providers.hf_mapping import Placement, get_mapping, load_hf_weights
     from model_providers.internvl import build_internvl
 
     model = build_internvl(
-        hf_model.config, pre_process=info.is_first_stage, post_process=info.is_last_stage, spec="local"
+        hf_model.config, pre_process=info.is_first_stage, post_process=info.is_last_stage, spec=spec
     )
     mapping = get_mapping("internvl", hf_model.config, model.backend)
     placement = Placement.from_parallel_state(model.config)
@@ -168,17 +172,25 @@ def _build_megatron(hf_model, info):
 
 def _run_schedule(model, case: dict, *, forward_only: bool) -> torch.Tensor | None:
     """One micro-batch through Megatron's schedule. Returns gathered logits [b, s, V] on the last stage
-    (forward_only) or None; with forward_only=False it leaves the grads of masked mean cross-entropy."""
+    (forward_only) or None; with forward_only=False it leaves the grads of masked mean cross-entropy (under
+    context parallelism: this CP rank's tokens' share of them)."""
+    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from model_providers.context_parallel import gather_from_cp, split_for_cp
 
     captured = {}
     batch = dict(case, position_ids=position_ids_for(case))
+    cp = parallel_state.get_context_parallel_world_size()
 
     def loss_func(output: torch.Tensor):
         if forward_only:
-            captured["logits"] = output.detach().clone()  # [b, s, V]
+            captured["logits"] = gather_from_cp(output.detach(), 1).clone()  # [b, s, V]
             return output.sum() * 0.0, {}
-        loss = masked_mean(output, case)  # per-token CE [b, s] -> mean over real tokens
+        # per-token CE of this rank's tokens [b, s / cp] -> its share of the mean over real tokens; the
+        # schedule multiplies a 2-tuple loss by cp: undo it.
+        mask = case["loss_mask"]
+        loss = (output * split_for_cp(mask, 1).to(output.dtype)).sum() / mask.sum() / cp
         return loss, {"loss": loss.detach().clone()}
 
     def forward_step(data_iterator, chunk):
@@ -207,9 +219,11 @@ def _run_schedule(model, case: dict, *, forward_only: bool) -> torch.Tensor | No
 
 
 def _logit_diffs(model, hf_model, processor, cases, info, tag: str) -> dict[str, float]:
+    from model_providers.context_parallel import cp_pad_multiple
+
     diffs = {}
     for name in cases:
-        case = make_case(processor, name)
+        case = make_case(processor, name, cp_pad_multiple())
         with torch.no_grad():
             logits = _run_schedule(model, case, forward_only=True)
             if info.is_last_stage:
@@ -239,14 +253,18 @@ def _checkpoint_sharding_errors(model, mapping) -> tuple[int, list[str]]:
     return checked, errors
 
 
-def run(out: Path, tp: int, pp: int, checkpoints: dict[str, Path]) -> None:
+def run(out: Path, tp: int, pp: int, checkpoints: dict[str, Path], cp: int = 1, spec: str = "local") -> None:
+    import torch.distributed as dist
     from megatron.core import parallel_state
 
     from calibrl_mcore.parallel import ParallelConfig, destroy_distributed, init_distributed
+    from model_providers.context_parallel import cp_pad_multiple
     from model_providers.hf_mapping import gather_megatron_to_hf
     from tools.make_tiny_model import load_processor
 
-    info = init_distributed(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+    info = init_distributed(
+        ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp)
+    )
     tp_group = parallel_state.get_tensor_model_parallel_group()
     result: dict = {"rank": info.rank, "tp_rank": info.tp_rank, "pp_rank": info.pp_rank}
     result.update(
@@ -256,14 +274,17 @@ def run(out: Path, tp: int, pp: int, checkpoints: dict[str, Path]) -> None:
 
     for tag in VARIANTS:
         hf_model = load_variant(checkpoints, tag)
-        model, mapping, placement = _build_megatron(hf_model, info)
+        model, mapping, placement = _build_megatron(hf_model, info, spec)
         # 1. logits
         result["logits_max_abs_diff"].update(_logit_diffs(model, hf_model, processor, CASES, info, tag))
         # 2. grads
-        case = make_case(processor, "two_images")
+        case = make_case(processor, "two_images", cp_pad_multiple())
         reference = hf_grads(hf_model, case)
         model.zero_grad(set_to_none=True)
         _run_schedule(model, case, forward_only=False)
+        if cp > 1:  # each CP rank holds its tokens' share of every grad
+            for p in model.parameters():
+                dist.all_reduce(p.grad, group=parallel_state.get_context_parallel_group())
         grads = ((n, p.grad) for n, p in model.named_parameters())
         result["grad_rel_err"][tag] = {
             hf_name: grad_rel_err(g, reference[hf_name])
@@ -280,7 +301,7 @@ def run(out: Path, tp: int, pp: int, checkpoints: dict[str, Path]) -> None:
 
     # 5. tied embeddings + vocab padding
     tied_hf = load_variant(checkpoints, "tied")
-    tied_model, _, _ = _build_megatron(tied_hf, info)
+    tied_model, _, _ = _build_megatron(tied_hf, info, spec)
     result["logits_max_abs_diff"].update(
         _logit_diffs(tied_model, tied_hf, processor, ("text", "one_image"), info, "tied")
     )
@@ -299,7 +320,9 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--cp", type=int, default=1)
+    parser.add_argument("--spec", default="local", choices=["local", "sdpa"])
     parser.add_argument("--ckpt", type=_named_path, action="append", required=True, help="NAME=DIR")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    run(args.out, args.tp, args.pp, dict(args.ckpt))
+    run(args.out, args.tp, args.pp, dict(args.ckpt), args.cp, args.spec)
