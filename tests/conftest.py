@@ -29,3 +29,12 @@ def megatron_world():
     yield
     if owned:
         destroy_distributed()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """The tiny Qwen2.5-VL and InternVL checkpoints of tools/make_tiny_model.py, built once per session."""
+    from tools.make_tiny_model import make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: make_tiny_model(arch, root / arch, seed=0) for arch in ("qwen2_5_vl", "internvl")}

@@ -49,9 +49,8 @@ def _load_processor(path):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {arch: make_tiny_model(arch, root / arch, seed=0) for arch in ARCHS}
+def built(tiny_checkpoints):
+    return {arch: tiny_checkpoints[arch] for arch in ARCHS}
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from calibrl_mcore.data.images import ImageRef
 from calibrl_mcore.data.schema import Example
 from calibrl_mcore.data.vision_inputs import ImagePlaceholders, expand_image_placeholders
 from calibrl_mcore.trainer.rollout_stage import PromptEncoder, PromptInputs
-from tools.make_tiny_model import make_tiny_model
 
 ARCHS = ["qwen2_5_vl", "internvl"]
 
@@ -49,9 +48,8 @@ def _example(name: str) -> Example:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {arch: make_tiny_model(arch, root / arch, seed=0) for arch in ARCHS}
+def built(tiny_checkpoints):
+    return {arch: tiny_checkpoints[arch] for arch in ARCHS}
 
 
 @pytest.fixture(scope="module")
