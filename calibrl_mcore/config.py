@@ -44,7 +44,7 @@ class ParallelSection:
     context_parallel_size: int = 1
     """CP degree: each sequence split into 2·CP load-balanced chunks; needs model.spec te or sdpa (not local)."""
     sequence_parallel: bool = False
-    """Megatron sequence parallelism: norm/dropout activations split over TP (needs model.spec=te, TP > 1)."""
+    """Megatron sequence parallelism: norm/dropout activations split over TP (TP > 1; model.spec te or sdpa)."""
     seed: int = 1234
     """seed for parameter init, dropout and the trainer's RNGs."""
 

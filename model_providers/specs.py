@@ -27,6 +27,7 @@ message that says so.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from typing import Literal
 
@@ -100,6 +101,11 @@ class TorchNormInParamsDtype:
     norm kernel (aten `_fused_rms_norm`) needs input and weight of one dtype, else it falls back to the
     unfused composite ("Mismatch dtype between input and weight ... Cannot dispatch to fused
     implementation"). Same parameter names; a class (not a function) because `build_module` calls classes.
+
+    Sequence parallelism (which `WrappedTorchNorm` refuses): a norm is per token, so on a [s/tp, b, h]
+    shard it computes exactly its part; only its weight's gradient is partial per TP rank. The weight is
+    marked `sequence_parallel` (as TE's norms mark theirs), so that Megatron's `finalize_model_grads`
+    all-reduces those gradients over TP.
     """
 
     def __new__(
@@ -107,8 +113,14 @@ class TorchNormInParamsDtype:
     ) -> torch.nn.Module:
         from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
+        sequence_parallel = config.sequence_parallel
+        if sequence_parallel:
+            config = dataclasses.replace(config, sequence_parallel=False)  # only for the constructor's check
         norm = WrappedTorchNorm(config=config, hidden_size=hidden_size, eps=eps, **kwargs)
-        return norm.to(dtype=config.params_dtype)
+        norm = norm.to(dtype=config.params_dtype)
+        for param in norm.parameters():
+            param.sequence_parallel = sequence_parallel
+        return norm
 
 
 def norm_module(backend: Backend) -> type:

@@ -65,8 +65,8 @@ def qwen2_language_config(
         rope_type = (hf_text.rope_parameters or {}).get("rope_type", "default")
         if rope_type != "default":
             raise NotImplementedError(f"rope_type {rope_type!r}: only 'default' RoPE is supported")
-    if sequence_parallel and backend != "te":
-        raise ValueError("sequence_parallel needs the TE spec: Megatron's local (torch) norms reject it")
+    if sequence_parallel and backend == "local":
+        raise ValueError("sequence_parallel needs the 'te' or 'sdpa' spec: Megatron's local (torch) norms reject it")
     if cp_size > 1 and backend == "local":
         raise ValueError(
             f"context_parallel_size={cp_size} needs the 'sdpa' or 'te' spec: Megatron's local attention "

@@ -303,16 +303,18 @@ def test_sequence_parallel_needs_te(megatron_world, hf_config):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize(
-    "tp,pp,cp",
-    [(2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 1, 2), (2, 1, 2), (1, 2, 2)],
-    ids=["tp2", "pp2", "tp2xpp2", "cp2", "tp2xcp2", "pp2xcp2"],
+    "tp,pp,cp,sp",
+    [(2, 1, 1, False), (1, 2, 1, False), (2, 2, 1, False), (1, 1, 2, False), (2, 1, 1, True), (2, 1, 2, True),
+     (1, 2, 2, False)],
+    ids=["tp2", "pp2", "tp2xpp2", "cp2", "tp2_sp", "tp2xcp2_sp", "pp2xcp2"],
 )
-def test_parallel_layouts_match_transformers(tmp_path, hf_model, tp, pp, cp):
-    """Context parallelism runs on the sdpa spec (all-gathered K/V; Megatron's local attention has no CP)."""
-    spec = "sdpa" if cp > 1 else "local"
+def test_parallel_layouts_match_transformers(tmp_path, hf_model, tp, pp, cp, sp):
+    """Context and sequence parallelism run on the sdpa spec (Megatron's local attention has no CP, its
+    torch norms refuse SP)."""
+    spec = "sdpa" if cp > 1 or sp else "local"
     results = run_torchrun(
         "qwen_vl_parity_worker.py", tp * pp * cp, tmp_path,
-        "--tp", str(tp), "--pp", str(pp), "--cp", str(cp), "--spec", spec,
+        "--tp", str(tp), "--pp", str(pp), "--cp", str(cp), "--spec", spec, *(["--sp"] if sp else []),
     )  # fmt: skip
     assert len(results) == tp * pp * cp
     last = [r for r in results if r["pp_rank"] == pp - 1]
@@ -325,6 +327,6 @@ def test_parallel_layouts_match_transformers(tmp_path, hf_model, tp, pp, cp):
     assert max(grad_errors.values()) <= TOL
     assert not any(r["export_mismatch"] for r in results)
     print(
-        f"TP{tp} PP{pp} CP{cp}: max |dlogits| {last[0]['logits_max_abs_diff']}, "
+        f"TP{tp} PP{pp} CP{cp} SP={sp}: max |dlogits| {last[0]['logits_max_abs_diff']}, "
         f"max grad rel err {max(grad_errors.values()):.2e}"
     )

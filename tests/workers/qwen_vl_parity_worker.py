@@ -187,12 +187,16 @@ def hf_grads(hf_model, case: dict) -> dict[str, torch.Tensor]:
 # ---- the distributed run -----------------------------------------------------------------------------------
 
 
-def _build_megatron(hf_config, hf_model, info, spec: str = "local"):
+def _build_megatron(hf_config, hf_model, info, spec: str = "local", sequence_parallel: bool = False):
     from model_providers.hf_mapping import Placement, get_mapping, load_hf_weights
     from model_providers.qwen2_5_vl import build_qwen2_5_vl
 
     model = build_qwen2_5_vl(
-        hf_config, pre_process=info.is_first_stage, post_process=info.is_last_stage, spec=spec
+        hf_config,
+        pre_process=info.is_first_stage,
+        post_process=info.is_last_stage,
+        spec=spec,
+        sequence_parallel=sequence_parallel,
     )
     mapping = get_mapping("qwen2_5_vl", hf_config, model.backend)
     placement = Placement.from_parallel_state(model.config)
@@ -248,7 +252,7 @@ def _run_schedule(model, case: dict, config, *, forward_only: bool) -> torch.Ten
     return captured.get("logits")
 
 
-def run(out: Path, tp: int, pp: int, cp: int = 1, spec: str = "local") -> None:
+def run(out: Path, tp: int, pp: int, cp: int = 1, spec: str = "local", sp: bool = False) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -262,12 +266,12 @@ def run(out: Path, tp: int, pp: int, cp: int = 1, spec: str = "local") -> None:
     tp_group = parallel_state.get_tensor_model_parallel_group()
     hf_config = tiny_qwen_config()
     hf_model = make_hf_model(hf_config)
-    model, mapping, placement = _build_megatron(hf_config, hf_model, info, spec)
+    model, mapping, placement = _build_megatron(hf_config, hf_model, info, spec, sp)
     model.eval()  # no dropout anyway; eval keeps HF and Megatron on the same path
     result: dict = {"rank": info.rank, "tp_rank": info.tp_rank, "pp_rank": info.pp_rank, "cp_rank": info.cp_rank}
 
     def make(name: str) -> dict:
-        return pad_case(make_case(name), cp_pad_multiple())
+        return pad_case(make_case(name), cp_pad_multiple() * (tp if sp else 1))
 
     # 1. logits
     result["logits_max_abs_diff"] = {}
@@ -287,6 +291,9 @@ def run(out: Path, tp: int, pp: int, cp: int = 1, spec: str = "local") -> None:
     if cp > 1:
         for p in model.parameters():
             dist.all_reduce(p.grad, group=parallel_state.get_context_parallel_group())
+    for p in model.parameters():  # what finalize_model_grads does for sequence-parallel norms
+        if getattr(p, "sequence_parallel", False):
+            dist.all_reduce(p.grad, group=tp_group)
     grads = ((n, p.grad) for n, p in model.named_parameters())
     result["grad_rel_err"] = {
         hf_name: ((g - reference[hf_name]).norm() / reference[hf_name].norm().clamp_min(1e-30)).item()
@@ -302,7 +309,7 @@ def run(out: Path, tp: int, pp: int, cp: int = 1, spec: str = "local") -> None:
     # 4. tied embeddings
     tied_config = tiny_qwen_config(tie_word_embeddings=True)
     tied_hf = make_hf_model(tied_config, seed=1)
-    tied_model, _, _ = _build_megatron(tied_config, tied_hf, info, spec)
+    tied_model, _, _ = _build_megatron(tied_config, tied_hf, info, spec, sp)
     with torch.no_grad():
         logits = _run_schedule(tied_model.eval(), make("text"), tied_config, forward_only=True)
         if info.is_last_stage:
@@ -320,6 +327,7 @@ if __name__ == "__main__":
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--cp", type=int, default=1)
     parser.add_argument("--spec", default="local", choices=["local", "sdpa"])
+    parser.add_argument("--sp", action="store_true", help="sequence parallelism (TP > 1, sdpa spec)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    run(args.out, args.tp, args.pp, args.cp, args.spec)
+    run(args.out, args.tp, args.pp, args.cp, args.spec, args.sp)
