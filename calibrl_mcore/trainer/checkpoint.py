@@ -25,10 +25,23 @@ from megatron.core import dist_checkpointing, tensor_parallel
 
 log = logging.getLogger(__name__)
 
-# Distributed-optimizer state is saved 'fully_reshardable' (loadable at any TP/PP/DP); Megatron 0.16's default
-# ('fully_sharded_model_space') builds flattened ShardedTensors that its own checkpointing now rejects.
-# The plain optimizer ignores the key.
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# Distributed-optimizer state is saved 'dp_reshardable' (fully parallel; reloads at another DP size, not at another
+# TP/PP). Megatron 0.16.1's other formats fail on the torch-Adam path (no apex/TE): its default
+# 'fully_sharded_model_space' builds flattened ShardedTensors its checkpointing rejects, 'fully_reshardable'
+# loads miss Adam's `step`. The plain optimizer ignores the key.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _materialize_distributed_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer its Adam states before a load. Megatron 0.16.1 reads the inner
+    torch Adam's `step` while building the state dict to load into (`DistributedOptimizer.state_dict`),
+    which a never-stepped optimizer does not have yet; Megatron's own dummy-value initialisation fixes that
+    (the loaded values replace them)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer):
+            opt._init_optimizer_states_with_dummy_values()
 
 
 def _rng_state() -> dict:
@@ -114,11 +127,13 @@ class CheckpointManager:
         if not (path / "COMPLETE").is_file():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
         model_sd = policy.model.module.sharded_state_dict()
+        _materialize_distributed_optimizer_state(policy.optimizer)
         sharded = {"model": model_sd, "optimizer": policy.optimizer.sharded_state_dict(
             model_sd, is_loading=True, metadata=OPTIMIZER_METADATA)}
         state = dist_checkpointing.load(sharded, str(path / "megatron"))
         policy.model.module.load_state_dict(state["model"])
-        policy.optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():  # the distributed optimizer copies into fp32 main params that are views of leaves
+            policy.optimizer.load_state_dict(state["optimizer"])
         rank_file = path / f"rank{dist.get_rank()}.pt"
         if rank_file.is_file():
             extra = torch.load(rank_file, weights_only=False)
