@@ -291,11 +291,15 @@ def test_backend_choice_and_te_names(hf_config):
         get_mapping("not_an_arch", hf_config)
 
 
-def test_sequence_parallel_needs_te(megatron_world, hf_config):
+def test_sequence_and_context_parallel_need_te_or_sdpa(megatron_world, hf_config):
     from model_providers import build_qwen2_5_vl
+    from model_providers.vlm_base import qwen2_language_config
 
-    with pytest.raises(ValueError, match="sequence_parallel needs the TE spec"):
+    with pytest.raises(ValueError, match="sequence_parallel needs the 'te' or 'sdpa' spec"):
         build_qwen2_5_vl(hf_config, spec="local", sequence_parallel=True)
+    with pytest.raises(ValueError, match="context_parallel_size=2 needs the 'sdpa' or 'te' spec"):
+        qwen2_language_config(hf_config.text_config, rope="mrope", name="Qwen2.5-VL", tp_size=1, pp_size=1,
+                              params_dtype=torch.float32, backend="local", cp_size=2)
 
 
 # ---- torchrun layouts ------------------------------------------------------------------------------------
