@@ -65,7 +65,7 @@ RUN git clone --filter=blob:none https://github.com/NVIDIA/apex.git /opt/apex \
     && rm -rf /opt/apex/build
 
 # 4. NVIDIA DALI (GPU image decoding / resizing for the data pipeline).
-RUN pip install "nvidia-dali-cuda120==${DALI_VERSION}"
+RUN pip install --extra-index-url https://pypi.nvidia.com "nvidia-dali-cuda120==${DALI_VERSION}"
 
 # 5. SGLang without its torch pins: the package itself, then its other requirements from its own metadata
 #    (sgl-kernel, flashinfer, xgrammar, ... stay pinned exactly as sglang pins them), then transformers.
