@@ -171,51 +171,14 @@ def _build_megatron(hf_model, info, spec: str = "local"):
 
 
 def _run_schedule(model, case: dict, *, forward_only: bool) -> torch.Tensor | None:
-    """One micro-batch through Megatron's schedule. Returns gathered logits [b, s, V] on the last stage
-    (forward_only) or None; with forward_only=False it leaves the grads of masked mean cross-entropy (under
-    context parallelism: this CP rank's tokens' share of them)."""
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    """`megatron_schedule.run_schedule` of a case: logits [b, s, V] (forward_only) or the grads of masked
+    mean cross-entropy (`masked_mean`)."""
+    from tests.workers.megatron_schedule import run_schedule
 
-    from model_providers.context_parallel import gather_from_cp, split_for_cp
-
-    captured = {}
-    batch = dict(case, position_ids=position_ids_for(case))
-    cp = parallel_state.get_context_parallel_world_size()
-
-    def loss_func(output: torch.Tensor):
-        if forward_only:
-            captured["logits"] = gather_from_cp(output.detach(), 1).clone()  # [b, s, V]
-            return output.sum() * 0.0, {}
-        # per-token CE of this rank's tokens [b, s / cp] -> its share of the mean over real tokens; the
-        # schedule multiplies a 2-tuple loss by cp: undo it.
-        mask = case["loss_mask"]
-        loss = (output * split_for_cp(mask, 1).to(output.dtype)).sum() / mask.sum() / cp
-        return loss, {"loss": loss.detach().clone()}
-
-    def forward_step(data_iterator, chunk):
-        mb = next(data_iterator)
-        output = chunk(
-            mb["input_ids"],
-            mb["position_ids"],
-            None,
-            pixel_values=mb["pixel_values"],
-            labels=None if forward_only else mb["labels"],
-            runtime_gather_output=True if forward_only else None,
-        )
-        return output, loss_func
-
-    b, s = case["input_ids"].shape
-    get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter([batch]),
-        model=[model],
-        num_microbatches=1,
-        seq_length=s,
-        micro_batch_size=b,
-        forward_only=forward_only,
-    )
-    return captured.get("logits")
+    inputs = {k: case[k] for k in ("input_ids", "labels", "pixel_values")}
+    inputs["position_ids"] = position_ids_for(case)
+    mask = case["loss_mask"].to(torch.float32)
+    return run_schedule(model, inputs, mask / mask.sum(), forward_only=forward_only)
 
 
 def _logit_diffs(model, hf_model, processor, cases, info, tag: str) -> dict[str, float]:
@@ -254,12 +217,12 @@ def _checkpoint_sharding_errors(model, mapping) -> tuple[int, list[str]]:
 
 
 def run(out: Path, tp: int, pp: int, checkpoints: dict[str, Path], cp: int = 1, spec: str = "local") -> None:
-    import torch.distributed as dist
     from megatron.core import parallel_state
 
     from calibrl_mcore.parallel import ParallelConfig, destroy_distributed, init_distributed
     from model_providers.context_parallel import cp_pad_multiple
     from model_providers.hf_mapping import gather_megatron_to_hf
+    from tests.workers.megatron_schedule import reduce_partial_grads
     from tools.make_tiny_model import load_processor
 
     info = init_distributed(
@@ -282,9 +245,7 @@ def run(out: Path, tp: int, pp: int, checkpoints: dict[str, Path], cp: int = 1, 
         reference = hf_grads(hf_model, case)
         model.zero_grad(set_to_none=True)
         _run_schedule(model, case, forward_only=False)
-        if cp > 1:  # each CP rank holds its tokens' share of every grad
-            for p in model.parameters():
-                dist.all_reduce(p.grad, group=parallel_state.get_context_parallel_group())
+        reduce_partial_grads(model)
         grads = ((n, p.grad) for n, p in model.named_parameters())
         result["grad_rel_err"][tag] = {
             hf_name: grad_rel_err(g, reference[hf_name])

@@ -205,60 +205,23 @@ def _build_megatron(hf_config, hf_model, info, spec: str = "local", sequence_par
 
 
 def _run_schedule(model, case: dict, config, *, forward_only: bool) -> torch.Tensor | None:
-    """One micro-batch through Megatron's schedule. Returns gathered logits [b, s, V] on the last stage
-    (forward_only) or None; with forward_only=False it leaves the grads of mean cross-entropy (this CP
-    rank's tokens' share of them)."""
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    """`megatron_schedule.run_schedule` of a case: logits [b, s, V] (forward_only) or the grads of mean
+    cross-entropy."""
+    from tests.workers.megatron_schedule import run_schedule
 
-    from model_providers.context_parallel import gather_from_cp
-
-    captured = {}
-    batch = dict(case, position_ids=position_ids_for(case, config))
-    cp = parallel_state.get_context_parallel_world_size()
-
-    def loss_func(output: torch.Tensor):
-        if forward_only:
-            captured["logits"] = gather_from_cp(output.detach(), 1).clone()  # [b, s, V]
-            return output.sum() * 0.0, {}
-        # Per-token CE of this rank's tokens [b, s / cp]: its share of the global mean; the schedule
-        # multiplies a 2-tuple loss by cp (Megatron's convention for DDP's dp x cp averaging): undo it.
-        loss = output.sum() / (case["labels"].numel() * cp)
-        return loss, {"loss": loss.detach().clone()}
-
-    def forward_step(data_iterator, chunk):
-        mb = next(data_iterator)
-        output = chunk(
-            mb["input_ids"],
-            mb["position_ids"],
-            None,
-            pixel_values=mb["pixel_values"],
-            image_grid_thw=mb["image_grid_thw"],
-            labels=None if forward_only else mb["labels"],
-            runtime_gather_output=True if forward_only else None,
-        )
-        return output, loss_func
-
-    b, s = case["input_ids"].shape
-    get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter([batch]),
-        model=[model],
-        num_microbatches=1,
-        seq_length=s,
-        micro_batch_size=b,
-        forward_only=forward_only,
-    )
-    return captured.get("logits")
+    inputs = {k: case[k] for k in ("input_ids", "labels", "pixel_values", "image_grid_thw")}
+    inputs["position_ids"] = position_ids_for(case, config)
+    weights = torch.full(case["labels"].shape, 1.0 / case["labels"].numel())  # mean over all tokens
+    return run_schedule(model, inputs, weights, forward_only=forward_only)
 
 
 def run(out: Path, tp: int, pp: int, cp: int = 1, spec: str = "local", sp: bool = False) -> None:
-    import torch.distributed as dist
     from megatron.core import parallel_state
 
     from calibrl_mcore.parallel import ParallelConfig, destroy_distributed, init_distributed
     from model_providers.context_parallel import cp_pad_multiple
     from model_providers.hf_mapping import gather_megatron_to_hf
+    from tests.workers.megatron_schedule import reduce_partial_grads
 
     info = init_distributed(
         ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp)
@@ -288,12 +251,7 @@ def run(out: Path, tp: int, pp: int, cp: int = 1, spec: str = "local", sp: bool 
     reference = hf_grads(hf_model, case)
     model.zero_grad(set_to_none=True)
     _run_schedule(model, case, hf_config, forward_only=False)
-    if cp > 1:
-        for p in model.parameters():
-            dist.all_reduce(p.grad, group=parallel_state.get_context_parallel_group())
-    for p in model.parameters():  # what finalize_model_grads does for sequence-parallel norms
-        if getattr(p, "sequence_parallel", False):
-            dist.all_reduce(p.grad, group=tp_group)
+    reduce_partial_grads(model)
     grads = ((n, p.grad) for n, p in model.named_parameters())
     result["grad_rel_err"] = {
         hf_name: ((g - reference[hf_name]).norm() / reference[hf_name].norm().clamp_min(1e-30)).item()
