@@ -43,6 +43,16 @@ class ParallelConfig:
     timeout_minutes: int = 30
     """Timeout of collective operations, in minutes."""
 
+    @classmethod
+    def from_section(cls, section) -> ParallelConfig:
+        """The layout of a run config's `parallel` section (`calibrl_mcore.config.ParallelSection`)."""
+        return cls(
+            tensor_model_parallel_size=section.tensor_model_parallel_size,
+            pipeline_model_parallel_size=section.pipeline_model_parallel_size,
+            context_parallel_size=section.context_parallel_size,
+            seed=section.seed,
+        )
+
     def __post_init__(self) -> None:
         sizes = {
             "tensor_model_parallel_size": self.tensor_model_parallel_size,

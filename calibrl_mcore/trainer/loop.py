@@ -48,12 +48,7 @@ TRAINS_EXPERT_ROWS = {"luffy", "rlplus"}  # families whose loss has an off-polic
 class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.info = init_distributed(ParallelConfig(
-            tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
-            pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
-            context_parallel_size=cfg.parallel.context_parallel_size,
-            seed=cfg.parallel.seed,
-        ))
+        self.info = init_distributed(ParallelConfig.from_section(cfg.parallel))
         self.is_rank0 = self.info.rank == 0
         self.run_dir = Path(cfg.train.run_dir)
         total_updates = cfg.train.steps * cfg.train.mini_batches_per_step

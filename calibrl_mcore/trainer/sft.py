@@ -30,12 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def sft(cfg: Config) -> Path:
-    info = init_distributed(ParallelConfig(
-        tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
-        context_parallel_size=cfg.parallel.context_parallel_size,
-        seed=cfg.parallel.seed,
-    ))
+    info = init_distributed(ParallelConfig.from_section(cfg.parallel))
     try:
         return _sft(cfg, info.rank == 0)
     finally:
