@@ -22,6 +22,11 @@ GQA (ng < np query groups): with no mask tensor SDPA takes K/V with ng heads (`e
 flash supports it). With a mask tensor K/V are repeated to np heads first: CUDA's memory-efficient kernel,
 the only fused one that takes a mask, rejects ng != np and SDPA would fall back to the S x S math kernel.
 
+Packed sequences (`packed_seq_params`, qkv_format "thd", see `packing.py`): query [T, np, hn] holds several
+rows back to back; each attends causally within its own segment. On CUDA in bf16/fp16 that is one torch
+varlen flash-attention call (`torch.nn.attention.varlen`, torch >= 2.10; GQA native); elsewhere one SDPA
+call per segment (CPU tests check that against the padded model).
+
 Context parallelism (config.context_parallel_size > 1; Megatron's local spec has none): the rank holds
 query/K/V of its two load-balanced chunks (`context_parallel`); K/V are all-gathered over the CP group
 (backward: reduce-scatter) and each local query chunk g attends causally to keys 0 .. (g + 1)·c − 1, a
@@ -38,6 +43,8 @@ per-TP-partition head counts, as in the local spec.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 
 import torch
@@ -52,6 +59,7 @@ from megatron.core.utils import divide
 from torch import Tensor
 
 from .context_parallel import cp_size_rank, gather_for_cp, local_chunks
+from .packing import segment_bounds
 
 _CAUSAL_TYPES = (AttnMaskType.causal, AttnMaskType.causal_bottom_right)
 
@@ -107,11 +115,11 @@ class SDPACoreAttention(MegatronModule):
     ) -> Tensor:
         """query [sq, b, np, hn], key/value [sk, b, ng, hn], attention_mask bool (True = masked) or None
         -> context [sq, b, np * hn]."""
-        if packed_seq_params is not None:
-            raise NotImplementedError("packed sequences (THD) need the TE spec")
         if attention_bias is not None:
             raise NotImplementedError("attention_bias is not supported (nor by the local spec)")
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, attention_mask, mask_type, packed_seq_params)
         heads, groups = query.size(2), key.size(2)
         if heads != self.num_heads or groups != self.num_groups:
             raise ValueError(
@@ -121,6 +129,50 @@ class SDPACoreAttention(MegatronModule):
         if self.cp_group is not None:
             return self._context_parallel(query, key, value, attention_mask, mask_type)
         return self._attend(query, key, value, attention_mask, mask_type)
+
+    def _packed(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        mask_type: AttnMaskType,
+        params: PackedSeqParams,
+    ) -> Tensor:
+        """Causal attention within each segment of a packed sequence: query [T, np, hn], key/value
+        [T, ng, hn] (Megatron squeezes the batch dim for THD) -> [T, np * hn].
+
+        CUDA, bf16/fp16: torch's varlen flash attention over all segments in one kernel. Elsewhere (CPU
+        tests, fp32): one SDPA call per segment, `is_causal` within it; the same function.
+        """
+        if params.qkv_format != "thd":
+            raise NotImplementedError(f"packed_seq_params.qkv_format={params.qkv_format!r}: only 'thd' is supported")
+        if attention_mask is not None or mask_type not in _CAUSAL_TYPES or self.cp_group is not None:
+            raise NotImplementedError(
+                "packed sequences in the sdpa spec support causal attention without an explicit mask and "
+                f"without context parallelism (got mask_type={mask_type}, "
+                f"attention_mask={'given' if attention_mask is not None else None}, cp_group={self.cp_group})"
+            )
+        if query.dim() != 3 or query.size(1) != self.num_heads or key.size(1) != self.num_groups:
+            raise ValueError(
+                f"packed attention expects query [T, {self.num_heads}, hn] and key [T, {self.num_groups}, hn], "
+                f"got {tuple(query.shape)} / {tuple(key.shape)}"
+            )
+        total = query.size(0)
+        dropout_p = self.dropout_p if self.training else 0.0
+        if _varlen_usable(query, dropout_p):
+            context = _varlen_causal(query, key, value, params, self.softmax_scale)  # [T, np, hn]
+            return context.reshape(total, self.num_heads * self.head_dim)
+        bounds = segment_bounds(params)
+        if bounds[-1] != total:
+            raise ValueError(f"packed_seq_params covers {bounds[-1]} tokens, the packed sequence has {total}")
+        outs = [
+            # [len, np, hn] -> [len, 1, np, hn]: one segment is a batch of one
+            self._attend(query[a:b, None], key[a:b, None], value[a:b, None], None, mask_type)[:, 0]
+            for a, b in zip(bounds[:-1], bounds[1:])
+            if b > a
+        ]
+        return torch.cat(outs, dim=0)  # [T, np * hn]
 
     def _context_parallel(
         self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, mask_type: AttnMaskType
@@ -203,3 +255,41 @@ class SDPACoreAttention(MegatronModule):
         if dropout_p > 0.0 and not self.config.sequence_parallel:
             return tensor_parallel.get_cuda_rng_tracker().fork()
         return contextlib.nullcontext()
+
+
+def _varlen_usable(query: Tensor, dropout_p: float) -> bool:
+    """torch's varlen (flash) attention: CUDA, half precision, no dropout, and a torch that has it."""
+    if not query.is_cuda or query.dtype not in (torch.bfloat16, torch.float16) or dropout_p > 0.0:
+        return False
+    return _varlen_signature() is not None
+
+
+@functools.cache
+def _varlen_signature() -> frozenset[str] | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.10
+        return None
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _varlen_causal(query: Tensor, key: Tensor, value: Tensor, params: PackedSeqParams, scale: float) -> Tensor:
+    """`torch.nn.attention.varlen.varlen_attn`, causal within segments. Its signature changed after torch
+    2.10 (`is_causal` -> `window_size=(-1, 0)`, `enable_gqa` added): both are handled."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    names = _varlen_signature()
+    kwargs = {"window_size": (-1, 0)} if "window_size" in names else {"is_causal": True}
+    if "scale" in names:
+        kwargs["scale"] = scale
+    elif scale != 1.0 / math.sqrt(query.size(-1)):
+        raise NotImplementedError("this torch's varlen_attn has no `scale`; softmax_scale must be 1/sqrt(hn)")
+    if key.size(1) != query.size(1):
+        if "enable_gqa" in names:
+            kwargs["enable_gqa"] = True
+        else:
+            key = key.repeat_interleave(query.size(1) // key.size(1), dim=1)
+            value = value.repeat_interleave(query.size(1) // value.size(1), dim=1)
+    cu_q = params.cu_seqlens_q.to(query.device, torch.int32)
+    cu_k = params.cu_seqlens_kv.to(query.device, torch.int32)
+    return varlen_attn(query, key, value, cu_q, cu_k, params.max_seqlen_q, params.max_seqlen_kv, **kwargs)

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .context_parallel import split_for_cp
 from .hf_mapping import tp_padded
+from .packing import PackedLayout
 from .specs import Backend, SpecChoice, backend_config_kwargs, block_spec, resolve_backend
 
 RopeKind = Literal["rope", "mrope"]
@@ -224,11 +225,16 @@ class VisionLanguageModel(MegatronModule):
     # -- forward ------------------------------------------------------------------------------------------
 
     def embed(
-        self, input_ids: Tensor, pixel_values: Tensor | None, image_grid_thw: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        pixel_values: Tensor | None,
+        image_grid_thw: Tensor | None = None,
+        packed: PackedLayout | None = None,
     ) -> Tensor:
         """Token embeddings with image features scattered into the placeholders: [s, b, h], or under context
         parallelism this rank's [s / cp, b, h] (`context_parallel`: the merge needs the whole sequence,
-        so the split comes after it)."""
+        so the split comes after it), or packed [T, 1, h] (`packing`). Under sequence parallelism this
+        rank's 1/tp of that."""
         embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
         if pixel_values is not None:
             features = self.image_features(pixel_values, image_grid_thw)  # [n_image_tokens, h]
@@ -245,6 +251,8 @@ class VisionLanguageModel(MegatronModule):
                 .transpose(0, 1)
                 .contiguous()
             )  # back to [s, b, h]
+        if packed is not None:
+            embeddings = packed.pack(embeddings.transpose(0, 1)).unsqueeze(1)  # [b, s, h] -> [T, 1, h]
         embeddings = split_for_cp(embeddings, 0)  # [s / cp, b, h]
         if self.config.sequence_parallel:
             embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)  # [s/tp, b, h]
@@ -259,6 +267,7 @@ class VisionLanguageModel(MegatronModule):
         image_grid_thw: Tensor | None = None,
         labels: Tensor | None = None,
         runtime_gather_output: bool | None = None,
+        packed: PackedLayout | None = None,
     ) -> Tensor:
         """input_ids [b, s]; position_ids, pixel_values and image_grid_thw as the subclass's
         `rope_positions` and `image_features` take them (the HF processor's outputs).
@@ -268,9 +277,23 @@ class VisionLanguageModel(MegatronModule):
         stages the hidden states [s, b, h] for the next stage. Under context parallelism every s is this
         rank's s / cp tokens (`context_parallel.split_for_cp` order; `labels` full length, split here)
         while `input_ids` and `position_ids` stay full length.
+
+        `packed` (`packing.PackedLayout` of these rows): the decoder runs on the real tokens only, packed
+        into one [T] sequence; inputs and outputs keep their [b, s] shapes (zeros at padding), and the
+        hidden states between pipeline stages are the packed [T, 1, h].
         """
         position_ids = self.rope_positions(position_ids, input_ids)
-        decoder_input = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
+        decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, packed) if self.pre_process else None
+        packed_seq_params = None
+        if packed is not None:
+            if self.config.context_parallel_size > 1:
+                raise NotImplementedError("packed sequences with context parallelism are not supported")
+            if self.backend == "local":
+                raise ValueError("packed sequences need the 'sdpa' or 'te' spec (the local attention has no THD path)")
+            packed_seq_params = packed.packed_seq_params(device_boundaries_only=self.backend == "te")
+            input_ids = packed.pack(input_ids).unsqueeze(0)  # [1, T]
+            position_ids = packed.pack(position_ids, batch_dim=position_ids.dim() - 2).unsqueeze(-2)  # [(3,) 1, T]
+            labels = None if labels is None else packed.pack(labels).unsqueeze(0)  # [1, T]
         padded = self.padded_vocab_size != self.vocab_size
         output = self.language_model(
             input_ids=input_ids,
@@ -280,16 +303,19 @@ class VisionLanguageModel(MegatronModule):
             # Without vocab padding GPTModel's own loss is exact (and skips a [b, s, V/tp] transpose copy).
             labels=None if padded or labels is None else split_for_cp(labels, 1),
             runtime_gather_output=False if labels is not None else runtime_gather_output,
+            packed_seq_params=packed_seq_params,
         )
-        if not self.post_process or (labels is not None and not padded):
-            return output  # hidden states [s, b, h] for the next stage, or the loss [b, s]
-        logits = self._mask_vocab_padding(output)  # [b, s, V/tp or V]
-        if labels is None:
-            return logits
-        # Vocab-parallel cross-entropy on the masked sharded logits: [b, s, V/tp] -> [s, b, V/tp] -> [b, s]
-        return self.language_model.compute_language_model_loss(
-            split_for_cp(labels, 1), logits.transpose(0, 1).contiguous()
-        )
+        if not self.post_process:
+            return output  # hidden states [s, b, h] (packed: [T, 1, h]) for the next stage
+        if labels is None or padded:
+            output = self._mask_vocab_padding(output)  # logits [b, s, V/tp or V]
+            if labels is not None:
+                # Vocab-parallel cross-entropy on the masked sharded logits: [b, s, V/tp] -> [s, b, V/tp] -> [b, s]
+                output = self.language_model.compute_language_model_loss(
+                    split_for_cp(labels, 1), output.transpose(0, 1).contiguous()
+                )
+        # output: logits [b, s, V/tp] or the loss [b, s] (packed: b = 1, s = T)
+        return output if packed is None else packed.unpack(output[0])
 
     def _mask_vocab_padding(self, logits: Tensor) -> Tensor:
         """Drop (gathered) or mask (TP-sharded) the logits of the vocab rows Megatron added for TP.
