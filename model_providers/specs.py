@@ -61,10 +61,10 @@ def te_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-def resolve_backend(spec: SpecChoice = "auto", *, cp_size: int = 1) -> Backend:
+def resolve_backend(spec: SpecChoice = "auto", *, cp_size: int = 1, packed_sequences: bool = False) -> Backend:
     """'auto' -> 'te' on a CUDA machine with Transformer Engine installed, 'sdpa' on CUDA without TE, else
-    'local' ('sdpa' under context parallelism, which the local spec lacks). 'local' and 'sdpa' can be
-    forced anywhere (sdpa runs on CPU too: tests)."""
+    'local' ('sdpa' under context parallelism or with packed sequences, which the local spec lacks).
+    'local' and 'sdpa' can be forced anywhere (sdpa runs on CPU too: tests)."""
     if spec in ("local", "sdpa"):
         return spec
     if spec == "te":
@@ -72,7 +72,7 @@ def resolve_backend(spec: SpecChoice = "auto", *, cp_size: int = 1) -> Backend:
         return "te"
     if spec == "auto":
         if not torch.cuda.is_available():
-            return "sdpa" if cp_size > 1 else "local"
+            return "sdpa" if cp_size > 1 or packed_sequences else "local"
         if te_available():
             _require_te()  # installed but broken: say so rather than fail deep inside Megatron
             return "te"

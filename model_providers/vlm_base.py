@@ -393,19 +393,22 @@ def build_stage(
     recompute: str = "none",
     fp8: str = "none",
     fp8_bf16_layers: Sequence[str] = ("first", "last", "vision"),
+    packed_sequences: bool = False,
 ) -> VisionLanguageModel:
     """Build this rank's stage of `model_cls`, its decoder configured by `language_config(hf_text, ...)`.
 
     `recompute`: activation recompute of the decoder: 'none', 'selective' (core attention only) or
     'full' (every layer's activations, recomputed one layer at a time in backward).
     `fp8`, `fp8_bf16_layers`: see `apply_fp8` (Transformer Engine only).
+    `packed_sequences`: the model will get packed micro-batches (`forward(packed=...)`): spec 'auto' then
+    picks sdpa rather than local on CPU.
 
     Needs Megatron's parallel_state (`init_distributed`). `spec`: 'local' (Megatron's PyTorch modules,
     CPU), 'te' (Transformer Engine, GPU) or 'auto'. Weights are randomly initialised (load HF weights with
     `hf_mapping.load_hf_weights`). On a CUDA machine the model is moved to the current device.
     """
     cp_size = parallel_state.get_context_parallel_world_size()
-    backend = resolve_backend(spec, cp_size=cp_size)
+    backend = resolve_backend(spec, cp_size=cp_size, packed_sequences=packed_sequences)
     config = language_config(
         hf_config.text_config,
         tp_size=parallel_state.get_tensor_model_parallel_world_size(),

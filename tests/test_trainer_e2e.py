@@ -253,6 +253,12 @@ def test_single_process_two_steps(dp1_run):
         ("dp2_distopt", ["optim.distributed_optimizer=true"], 1e-5, 1e-4),
         ("tp2_sp", ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true", "model.spec=sdpa"],
          1e-4, 1e-3),  # sdpa vs local logits: the cp2 case's LeakyReLU-kink note applies
+        # Packed (THD) micro-batches: variable-length hidden states between stages, a TP-multiple tail under SP.
+        ("pp2_packed", ["parallel.pipeline_model_parallel_size=2", "model.spec=auto",  # -> sdpa
+                        "model.packed_sequences=true"],
+         1e-4, 1e-3),
+        ("tp2_sp_packed", ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
+                           "model.spec=sdpa", "model.packed_sequences=true"], 1e-4, 1e-3),
     ],
 )
 def test_first_step_loss_matches_dp1(tiny, dp1_run, layout, overrides, tol, grad_tol):
@@ -268,6 +274,9 @@ def test_first_step_loss_matches_dp1(tiny, dp1_run, layout, overrides, tol, grad
     assert rel["train/loss"] <= tol and rel["train/cal_loss"] <= tol, rel
     assert rel["grad_norm"] <= grad_tol, rel
     assert (run / "checkpoints" / "step_00000001" / "rank1.pt").is_file()  # really two ranks
+    if "packed" in layout:  # the decoder really ran without the rows' padding
+        print(f"[{layout}] padding fraction {got['train/padding_frac']:.3f} vs dp1 {ref['train/padding_frac']:.3f}")
+        assert got["train/padding_frac"] < ref["train/padding_frac"]
 
 
 @pytest.mark.distributed

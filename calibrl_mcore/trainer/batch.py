@@ -103,8 +103,12 @@ def collate(
     )
 
 
-def padding_fraction(micro_batches: Sequence[MicroBatch]) -> float:
-    """Share of computed token slots that are padding."""
-    slots = sum(mb.input_ids.numel() for mb in micro_batches)
+def padding_fraction(micro_batches: Sequence[MicroBatch], packed_multiple: int = 0) -> float:
+    """Share of computed token slots that are padding: [b, s] slots, or with packed sequences
+    (`packed_multiple` > 0, model_providers/packing.py) the real tokens rounded up to that multiple."""
     real = sum(int(mb.seq_lengths.sum()) for mb in micro_batches)
+    if packed_multiple:
+        slots = sum(-(-int(mb.seq_lengths.sum()) // packed_multiple) * packed_multiple for mb in micro_batches)
+    else:
+        slots = sum(mb.input_ids.numel() for mb in micro_batches)
     return max(0.0, 1.0 - real / max(slots, 1))

@@ -329,7 +329,8 @@ class Trainer:
             metrics.update(reduce_shares(shares, prefix="train/"))
             tokens = sum(int(mb.seq_lengths.sum()) for mb in mbs)
             metrics["train/tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
-            metrics["train/padding_frac"] = padding_fraction(mbs)
+            packed = self.policy.packed_multiple if self.policy.packed_sequences else 0
+            metrics["train/padding_frac"] = padding_fraction(mbs, packed)
         else:
             self.policy.run(mbs, None, forward_only=False)  # the loss callback runs on the last stage only
         metrics.update(self.policy.optimizer_step())

@@ -39,6 +39,7 @@ from calibrl_mcore.config import ModelConfig, OptimConfig
 from calibrl_mcore.parallel.fused import log_fused_backends
 from model_providers.context_parallel import cp_pad_multiple, cp_size_rank, split_for_cp
 from model_providers.hf_mapping import Placement, gather_megatron_to_hf, get_mapping, load_hf_weights
+from model_providers.packing import PackedLayout
 from model_providers.registry import build_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -130,6 +131,7 @@ class MegatronPolicy:
             fp8=model_cfg.fp8,
             fp8_bf16_layers=tuple(model_cfg.fp8_bf16_layers),
             sequence_parallel=sequence_parallel,
+            packed_sequences=model_cfg.packed_sequences,
         )
         self.mapping = get_mapping(self.arch, self.hf_config, model.backend)
         self.placement = Placement.from_parallel_state(model.config)
@@ -144,6 +146,13 @@ class MegatronPolicy:
         # under sequence parallelism.
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.pad_multiple = cp_pad_multiple() * (tp if sequence_parallel else 1)
+        # Packed micro-batches (model_providers/packing.py): the packed length is a multiple of TP under SP.
+        self.packed_sequences = model_cfg.packed_sequences
+        if self.packed_sequences and model.backend == "local":
+            raise ValueError("model.packed_sequences=true needs model.spec auto, sdpa or te, not local")
+        if self.packed_sequences and cp_size_rank()[0] > 1:
+            raise ValueError("model.packed_sequences=true does not combine with parallel.context_parallel_size > 1")
+        self.packed_multiple = tp if sequence_parallel else 1
         self.distributed_optimizer = bool(optim_cfg and optim_cfg.distributed_optimizer)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
@@ -229,12 +238,18 @@ class MegatronPolicy:
 
         def forward_step(data_iterator, model):
             mb: MicroBatch = next(data_iterator)
+            packed = None
+            if self.packed_sequences:
+                packed = PackedLayout.from_lengths(
+                    mb.seq_lengths, mb.input_ids.shape[1], pad_multiple=self.packed_multiple, device=device
+                )
             output = model(
                 mb.input_ids.to(device),
                 mb.position_ids.to(device),
                 None,
                 pixel_values=None if mb.pixel_values is None else mb.pixel_values.to(device, self.dtype),
                 image_grid_thw=None if mb.image_grid_thw is None else mb.image_grid_thw.to(device),
+                packed=packed,
             )
 
             def loss_func(logits: torch.Tensor):
