@@ -45,6 +45,21 @@ def test_chunks_are_length_sorted():
     assert chunk_by_length(range(4), rows, 2) == [[1, 3], [2, 0]]
 
 
+def test_token_budget_chunks():
+    from calibrl_mcore.trainer.batch import chunk_by_tokens, micro_batch_chunks
+
+    # lengths (prompt + 1 response token): 6, 2, 4, 3, 9, 2 -> sorted 2(1), 2(5), 3(3), 4(2), 6(0), 9(4)
+    rows = [Row(uid=str(i), group_id=0, is_expert=False, prompt_ids=[1] * (n - 1), response_ids=[2]) for i, n in
+            enumerate([6, 2, 4, 3, 9, 2])]
+    # packed: sums of real lengths <= 8; the 9-token row exceeds the budget and goes alone
+    assert chunk_by_tokens(range(6), rows, 8, packed=True) == [[1, 5, 3], [2], [0], [4]]
+    # padded: rows x longest <= 8
+    assert chunk_by_tokens(range(6), rows, 8, packed=False) == [[1, 5], [3, 2], [0], [4]]
+    assert micro_batch_chunks(range(6), rows, 4) == chunk_by_length(range(6), rows, 4)
+    chunks = micro_batch_chunks(range(6), rows, 4, 12, packed=True)
+    assert sorted(i for c in chunks for i in c) == list(range(6))  # every row exactly once
+
+
 def test_fused_logprobs_and_entropy_match_vocab_parallel_path(megatron_world):
     from calibrl_mcore.trainer.objective import logprobs_and_entropy
 

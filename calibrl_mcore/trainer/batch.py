@@ -2,7 +2,9 @@
 
 Padding bound: rows are sorted by total length before chunking, so within a micro-batch of b rows the
 padding is at most the length spread of b neighbours in sorted order; `padding_fraction()` reports the
-measured waste, logged every step.
+measured waste, logged every step. Micro-batches hold `train.micro_batch_size` rows, or with
+`train.max_tokens_per_micro_batch` as many rows as fit a token budget (`chunk_by_tokens`; with
+`model.packed_sequences` the budget counts real tokens only, so short rows share a micro-batch).
 """
 
 from __future__ import annotations
@@ -44,6 +46,37 @@ def chunk_by_length(indices: Sequence[int], rows: Sequence[Row], micro_batch_siz
     """Length-sorted chunks of row indices (stable, deterministic)."""
     order = sorted(indices, key=lambda i: (rows[i].length, i))
     return [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+
+
+def chunk_by_tokens(indices: Sequence[int], rows: Sequence[Row], max_tokens: int, *, packed: bool) -> list[list[int]]:
+    """Length-sorted chunks of row indices whose computed tokens stay within `max_tokens`: the sum of the
+    lengths for packed micro-batches, rows x the longest (the last in sorted order) for padded ones. A row
+    longer than the budget gets a micro-batch of its own. Stable and deterministic, like `chunk_by_length`."""
+    order = sorted(indices, key=lambda i: (rows[i].length, i))
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i in order:
+        length = rows[i].length
+        cost = used + length if packed else (len(current) + 1) * length
+        if current and cost > max_tokens:
+            chunks.append(current)
+            current, cost = [], length
+        current.append(i)
+        used = cost if packed else 0
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def micro_batch_chunks(
+    indices: Sequence[int], rows: Sequence[Row], micro_batch_size: int, max_tokens: int = 0, *, packed: bool = False
+) -> list[list[int]]:
+    """`train.max_tokens_per_micro_batch` > 0: token-budget chunks (`chunk_by_tokens`); else
+    `micro_batch_size` rows per chunk (`chunk_by_length`)."""
+    if max_tokens > 0:
+        return chunk_by_tokens(indices, rows, max_tokens, packed=packed)
+    return chunk_by_length(indices, rows, micro_batch_size)
 
 
 def collate(

@@ -30,7 +30,7 @@ from calibrl_mcore.algo.schedules import CoefficientSchedule
 from calibrl_mcore.config import Config, to_yaml
 from calibrl_mcore.data.dataset import PromptDataset, PromptSampler
 from calibrl_mcore.parallel import ParallelConfig, destroy_distributed, init_distributed
-from calibrl_mcore.trainer.batch import Row, chunk_by_length, collate, padding_fraction
+from calibrl_mcore.trainer.batch import Row, collate, micro_batch_chunks, padding_fraction
 from calibrl_mcore.trainer.checkpoint import CheckpointManager
 from calibrl_mcore.trainer.metrics import MetricsLogger, from_last_stage, mean_of, reduce_shares
 from calibrl_mcore.trainer.objective import logprob_fn, rl_loss_fn
@@ -263,10 +263,16 @@ class Trainer:
         alpha = self.coefficients.alpha(self.step, metrics.get("reward/pass_rate"))
         return dataclasses.replace(algo, alpha=alpha, lam=self.coefficients.lam(self.step))
 
+    def _chunks(self, rows: Sequence[Row], indices: list[int]) -> list[list[int]]:
+        """This rank's rows `indices` grouped into micro-batches (train.micro_batch_size or a token budget)."""
+        train = self.cfg.train
+        return micro_batch_chunks(indices, rows, train.micro_batch_size, train.max_tokens_per_micro_batch,
+                                  packed=self.policy.packed_sequences)
+
     def _forward_logprobs(self, rows: Sequence[Row], indices: list[int]) -> dict[int, torch.Tensor]:
         mbs = [collate(rows, c, self.position_ids, pad_id=self.pad_id,
                        pad_multiple=self.policy.pad_multiple)
-               for c in chunk_by_length(indices, rows, self.cfg.train.micro_batch_size)]
+               for c in self._chunks(rows, indices)]
         outputs = self.policy.run(mbs, logprob_fn(self.cfg.rollout.temperature), forward_only=True)
         result: dict[int, torch.Tensor] = {}
         for out in outputs:
@@ -313,7 +319,7 @@ class Trainer:
             }
         mbs = [collate(rows, c, self.position_ids, token_extras, row_extras, pad_id=self.pad_id,
                        pad_multiple=self.policy.pad_multiple)
-               for c in chunk_by_length(indices, rows, self.cfg.train.micro_batch_size)]
+               for c in self._chunks(rows, indices)]
         metrics: dict[str, float] = {}
         t0 = time.perf_counter()
         if last:
@@ -331,6 +337,7 @@ class Trainer:
             metrics["train/tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
             packed = self.policy.packed_multiple if self.policy.packed_sequences else 0
             metrics["train/padding_frac"] = padding_fraction(mbs, packed)
+            metrics["train/micro_batches"] = len(mbs)  # this rank's, last mini-batch
         else:
             self.policy.run(mbs, None, forward_only=False)  # the loss callback runs on the last stage only
         metrics.update(self.policy.optimizer_step())

@@ -18,7 +18,7 @@ from calibrl_mcore.algo.aggregation import compute_loss_normalizer
 from calibrl_mcore.config import Config
 from calibrl_mcore.data.dataset import PromptDataset, PromptSampler
 from calibrl_mcore.parallel import ParallelConfig, destroy_distributed, init_distributed
-from calibrl_mcore.trainer.batch import Row, chunk_by_length, collate
+from calibrl_mcore.trainer.batch import Row, collate, micro_batch_chunks
 from calibrl_mcore.trainer.export import export_hf
 from calibrl_mcore.trainer.metrics import MetricsLogger, from_last_stage, reduce_shares
 from calibrl_mcore.trainer.objective import sft_loss_fn
@@ -65,8 +65,9 @@ def _sft(cfg: Config, is_rank0: bool) -> Path:
         dist.broadcast_object_list(payload, src=0)
         rows, pad_id = payload[0]
         local = list(range(len(rows)))[dp_rank::dp]
-        mbs = [collate(rows, c, pos, pad_id=pad_id, pad_multiple=policy.pad_multiple)
-               for c in chunk_by_length(local, rows, cfg.train.micro_batch_size)]
+        chunks = micro_batch_chunks(local, rows, cfg.train.micro_batch_size, cfg.train.max_tokens_per_micro_batch,
+                                    packed=policy.packed_sequences)
+        mbs = [collate(rows, c, pos, pad_id=pad_id, pad_multiple=policy.pad_multiple) for c in chunks]
         metrics: dict[str, float] = {}
         if last:
             norm = compute_loss_normalizer([mb.loss_mask for mb in mbs], "token-mean",
