@@ -216,6 +216,9 @@ class TrainConfig:
     run_dir: str = "runs/default"
     """metrics.jsonl, TensorBoard events, resolved config and checkpoints go here."""
     eval_every: int = 0
+    max_tokens_per_micro_batch: int = 0
+    """> 0: instead of micro_batch_size rows, as many length-sorted rows per micro-batch as fit this many
+    tokens (model.packed_sequences: real tokens; else rows x longest row); a longer row goes alone."""
     """evaluate on data.eval_path every N steps (0 = only at the end if eval_path is set)."""
     eval_prompts: int = 64
     """held-out prompts per evaluation."""
@@ -297,6 +300,9 @@ def _validate(cfg: Config) -> None:
     if cfg.train.prompts_per_step % cfg.train.mini_batches_per_step:
         raise ConfigError(
             f"train.prompts_per_step={cfg.train.prompts_per_step} must be divisible by "
+    if cfg.train.max_tokens_per_micro_batch < 0:
+        raise ConfigError(f"train.max_tokens_per_micro_batch must be >= 0 (0 = off), got "
+                          f"{cfg.train.max_tokens_per_micro_batch}")
             f"train.mini_batches_per_step={cfg.train.mini_batches_per_step}"
         )
     if not 0.0 <= cfg.algo.alpha <= 1.0:
