@@ -12,6 +12,12 @@ ids (see bench/rollout.py: the eos ids plus a few ordinary ids, rare at vocab 15
 `--new-tokens`). The measurement is bench/rollout.py's `compare_case`: alternating runs, best of
 `--repeats`, wall time on GPU and process CPU time on CPU. Writes bench/results/gpu_rollout_<device>.json
 (<device> = the GPU's short name, e.g. h200, or cpu).
+
+The engine runs both decode paths (rollout/engines/graph_decode.py): `engine_*` is the default config
+(`decode_graphs="auto"`: the static pool with CUDA graphs on a GPU, the left-padded slab on the CPU), and
+`engine_slab_*` / `engine_graphs_*` are each path alone (on the CPU the static pool runs eagerly). Each
+engine first decodes the whole prompt set once, untimed, so that a graph engine has captured its (rows,
+columns) graphs before the timed runs, as it has after the first rollout step of a training run.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from bench.gpu_train import SHAPES  # noqa: E402
-from bench.rollout import compare_case, make_prompts, stop_ids_of  # noqa: E402
+from bench.rollout import compare_case, make_prompts, run_engine, stop_ids_of  # noqa: E402
 from rollout.engines.base import SamplingParams  # noqa: E402
 from rollout.engines.embedded import EmbeddedEngine  # noqa: E402
 
@@ -73,6 +79,42 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name(device).split()[-1].lower().replace("-", "_")
 
 
+def with_stops(params: SamplingParams, stop_ids: list[int]) -> SamplingParams:
+    """`params` stopping at `stop_ids`, as compare_case runs them."""
+    return SamplingParams(**{**params.__dict__, "stop_token_ids": tuple(stop_ids), "ignore_eos": False})
+
+
+def engine_rate(engine: EmbeddedEngine, prompts: list[list[int]], params: SamplingParams, stop_ids: list[int],
+                device: str, repeats: int) -> dict[str, Any]:
+    """The engine half of compare_case for an engine measured alone: best of `repeats` after a warm-up."""
+    params = with_stops(params, stop_ids)
+    run_engine(engine, prompts, params)  # warm-up: the whole set, so a graph engine has captured its buckets
+    measure = (lambda c: c.wall) if device.startswith("cuda") else (lambda c: c.cpu)
+    seconds, tokens = float("inf"), 0
+    for _ in range(repeats):
+        clock, count = run_engine(engine, prompts, params)
+        if measure(clock) < seconds:
+            seconds, tokens = measure(clock), count
+    return {"tokens_per_s": tokens / seconds, "tokens": tokens, "s": seconds}
+
+
+def graph_stats(engine: EmbeddedEngine) -> dict[str, Any] | None:
+    decoder = engine._graph_decoder
+    if decoder is None or decoder.pool is None:
+        return None
+    return {"captured_graphs": decoder.captures, "cuda_graphs": decoder.use_graphs, "pool_slots": decoder.pool.slots,
+            "pool_columns": decoder.pool.capacity, "pool_gib": decoder.pool.nbytes / 2**30}
+
+
+def free_memory() -> None:
+    """Give a deleted engine's memory back before the next one loads."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -103,17 +145,30 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         model_dir = write_checkpoint(Path(tmp) / "model", shape, dtype, args.device)
-        engine = EmbeddedEngine(
-            model_dir, device=args.device, dtype=dtype, max_batch_size=max(256, count * args.n)
-        )
+        engine_args = dict(device=args.device, dtype=dtype, max_batch_size=max(256, count * args.n))
+        engine = EmbeddedEngine(model_dir, **engine_args)  # decode_graphs="auto": the default config
         setup_s = time.perf_counter() - start
-        # HF generate runs on the engine's own model object: the same weights, loaded once. The engine's
-        # scheduler thread is idle between `generate` calls (compare_case waits for every result).
-        hf_model = engine.model
+        default_path = "graphs" if engine.model_info()["decode_graphs"] else "slab"
         prompts = make_prompts(len(engine.tokenizer), count, prompt_len, prompt_len, seed=0)
         params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, top_p=1.0, n=args.n)
-        case = compare_case(engine, hf_model, prompts, params, stop_ids_of(engine), args.device, args.repeats)
+        stop_ids = stop_ids_of(engine)
+        # A whole untimed pass first (a graph engine captures its buckets), as engine_rate does.
+        run_engine(engine, prompts, with_stops(params, stop_ids))
+        # HF generate runs on the engine's own model object: the same weights, loaded once. The engine's
+        # scheduler thread is idle between `generate` calls (compare_case waits for every result).
+        case = compare_case(engine, engine.model, prompts, params, stop_ids, args.device, args.repeats)
+        rates = {default_path: {"tokens_per_s": case["engine_tokens_per_s"], "tokens": case["engine_tokens"],
+                                "s": case["engine_s"]}}
+        stats = {default_path: graph_stats(engine)}
         engine.shutdown()
+        del engine
+        free_memory()
+        # The other decode path, alone: forced "on" off CUDA runs the static pool eagerly.
+        other_path = "slab" if default_path == "graphs" else "graphs"
+        other = EmbeddedEngine(model_dir, decode_graphs="off" if other_path == "slab" else "on", **engine_args)
+        rates[other_path] = engine_rate(other, prompts, params, stop_ids, args.device, max(args.repeats, 1))
+        stats[other_path] = graph_stats(other)
+        other.shutdown()
     report: dict[str, Any] = {
         "benchmark": "embedded rollout engine vs transformers generate (sampled)",
         "model": f"Qwen2.5-VL, {shape_name} text decoder{' (scaled)' if args.layers else ''}, random weights",
@@ -126,6 +181,12 @@ def main() -> None:
         "engine_generated_tokens_per_s": case["engine_tokens_per_s"],
         "hf_generate_generated_tokens_per_s": case["hf_generate_tokens_per_s"],
         "engine_over_hf_generate": case["speedup"],
+        "engine_decode_path": default_path,
+        "engine_slab_generated_tokens_per_s": rates["slab"]["tokens_per_s"],
+        "engine_graphs_generated_tokens_per_s": rates["graphs"]["tokens_per_s"],
+        "engine_graphs_over_slab": rates["graphs"]["tokens_per_s"] / rates["slab"]["tokens_per_s"],
+        "decode_paths": rates,
+        "graph_decoder": stats["graphs"],
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "machine": platform.machine(),
@@ -133,9 +194,11 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(
-        f"engine {case['engine_tokens_per_s']:.0f} generated tok/s ({case['engine_tokens']} tokens), "
+        f"engine ({default_path}) {case['engine_tokens_per_s']:.0f} generated tok/s ({case['engine_tokens']} tokens), "
         f"HF generate {case['hf_generate_tokens_per_s']:.0f} tok/s ({case['hf_tokens']} tokens), "
-        f"engine/HF {case['speedup']:.2f}x ({case['time_measure']}); setup {setup_s:.0f} s"
+        f"engine/HF {case['speedup']:.2f}x ({case['time_measure']}); setup {setup_s:.0f} s\n"
+        f"decode paths: slab {rates['slab']['tokens_per_s']:.0f} tok/s, graphs "
+        f"{rates['graphs']['tokens_per_s']:.0f} tok/s ({report['engine_graphs_over_slab']:.2f}x)"
     )
     print(f"wrote {out}")
 

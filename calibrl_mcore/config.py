@@ -101,6 +101,9 @@ class RolloutConfig:
     """device of the embedded server the trainer starts ('cpu', 'cuda', 'cuda:1', ...)."""
     server_dtype: str = "float32"
     """dtype of the embedded server the trainer starts: float32 | bfloat16."""
+    decode_graphs: str = "auto"
+    """embedded server the trainer starts: auto | on | off. Decode on a static KV pool with one CUDA graph per
+    (rows, columns) bucket (auto = on CUDA devices; on = also off CUDA, run eagerly); off = the padded slab."""
     server_tp_size: int = 1
     """tensor parallelism of an SGLang/vLLM server the trainer starts."""
     server_mem_fraction: float = 0.5
@@ -213,12 +216,12 @@ class TrainConfig:
     """optimizer steps per rollout step (paper: 480/120 = 4); one PPO epoch."""
     micro_batch_size: int = 4
     """sequences per micro-batch (sorted by length so padding stays small)."""
-    run_dir: str = "runs/default"
-    """metrics.jsonl, TensorBoard events, resolved config and checkpoints go here."""
-    eval_every: int = 0
     max_tokens_per_micro_batch: int = 0
     """> 0: instead of micro_batch_size rows, as many length-sorted rows per micro-batch as fit this many
     tokens (model.packed_sequences: real tokens; else rows x longest row); a longer row goes alone."""
+    run_dir: str = "runs/default"
+    """metrics.jsonl, TensorBoard events, resolved config and checkpoints go here."""
+    eval_every: int = 0
     """evaluate on data.eval_path every N steps (0 = only at the end if eval_path is set)."""
     eval_prompts: int = 64
     """held-out prompts per evaluation."""
@@ -297,12 +300,12 @@ def _validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) <= 0:
             raise ConfigError(f"{key} must be > 0, got {getattr(getattr(cfg, section), name)}")
-    if cfg.train.prompts_per_step % cfg.train.mini_batches_per_step:
-        raise ConfigError(
-            f"train.prompts_per_step={cfg.train.prompts_per_step} must be divisible by "
     if cfg.train.max_tokens_per_micro_batch < 0:
         raise ConfigError(f"train.max_tokens_per_micro_batch must be >= 0 (0 = off), got "
                           f"{cfg.train.max_tokens_per_micro_batch}")
+    if cfg.train.prompts_per_step % cfg.train.mini_batches_per_step:
+        raise ConfigError(
+            f"train.prompts_per_step={cfg.train.prompts_per_step} must be divisible by "
             f"train.mini_batches_per_step={cfg.train.mini_batches_per_step}"
         )
     if not 0.0 <= cfg.algo.alpha <= 1.0:

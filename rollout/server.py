@@ -314,6 +314,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--max-batch-size", type=int, default=256, help="embedded: max decoding rows")
     parser.add_argument("--context-length", type=int, default=None)
+    parser.add_argument("--decode-graphs", choices=["auto", "on", "off"], default="auto",
+                        help="embedded: decode on a static KV pool with CUDA graphs (auto = on CUDA devices)")
     parser.add_argument("--tp-size", type=int, default=1, help="sglang/vllm tensor parallel size")
     parser.add_argument("--mem-fraction-static", type=float, default=None, help="sglang/vllm GPU memory fraction")
     parser.add_argument("--log-level", default="warning")
@@ -339,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     from rollout.engines.embedded import EmbeddedEngine
 
     engine = EmbeddedEngine(args.model, device=args.device, dtype=getattr(torch, args.dtype),
-                            max_batch_size=args.max_batch_size, max_context_len=args.context_length)
+                            max_batch_size=args.max_batch_size, max_context_len=args.context_length,
+                            decode_graphs=args.decode_graphs)
     app = create_app(engine, api_key=args.api_key)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -8,7 +8,8 @@ head) in the same order, with the same `apply_rotary_pos_emb` and SDPA, so it co
 function; only the glue is gone. It runs decode steps and the prefill of text-only prompts (prompts
 with images stay on the HF forward, which merges the vision features), and only after `matches_hf`
 has compared it with the HF forward on this very model; an architecture it does not recognise keeps
-the HF path.
+the HF path. `run` is the stack with the KV cache and attention left to the caller: the static-pool,
+CUDA-graph decode step (graph_decode.py) is the same stack over its own KV buffers.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 _LAYER_PARTS = ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")
 _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim")
+# (layer index, attention module, q [B, Hq, L, D], k [B, Hkv, L, D], v [B, Hkv, L, D]) -> out [B, Hq, L, D]
+Attend = Callable[[int, Any, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class LeanDecodeStep:
@@ -56,10 +59,23 @@ class LeanDecodeStep:
                  cache: Any) -> torch.Tensor:
         """Logits [B, V] of the last position. Decode: input_ids [B, 1] and attention_mask [B, T+1] over
         the cached columns. Prefill of unpadded prompts: input_ids [B, L], attention_mask None (causal)."""
+        length = input_ids.shape[1]
+        keep = None if attention_mask is None else attention_mask[:, None, None, :].bool()  # [B, 1, 1, T+1]
+
+        def attend(index: int, attention: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            k, v = cache.update(k, v, index)  # [B, Hkv, T, D]
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=keep is None and length > 1,
+                                                  scale=attention.scaling, enable_gqa=q.shape[1] != k.shape[1])
+
+        return self.run(input_ids, position_ids, attend)
+
+    def run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """The decoder stack with the KV cache and attention left to `attend`: logits [B, V] of the last
+        position. `attend(layer index, attention module, q [B, Hq, L, D], k, v [B, Hkv, L, D])` stores the
+        new keys/values wherever it keeps them and returns the attention output [B, Hq, L, D]."""
         batch, length = input_ids.shape
         hidden = self.text_model.embed_tokens(input_ids)  # [B, L, H]
         cos, sin = self.text_model.rotary_emb(hidden, position_ids)  # M-RoPE or 1-D, as the model defines
-        keep = None if attention_mask is None else attention_mask[:, None, None, :].bool()  # [B, 1, 1, T+1]
         for index, layer in enumerate(self.text_model.layers):
             attention = layer.self_attn
             x = layer.input_layernorm(hidden)
@@ -69,21 +85,20 @@ class LeanDecodeStep:
             if hasattr(attention, "q_norm"):  # Qwen3: per-head RMSNorm before rotary
                 q, k = attention.q_norm(q), attention.k_norm(k)
             q, k = self.rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [B, H, L, D]
-            k, v = cache.update(k, v, index)  # [B, Hkv, T, D]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=keep is None and length > 1,
-                                                 scale=attention.scaling, enable_gqa=q.shape[1] != k.shape[1])
+            out = attend(index, attention, q, k, v)  # [B, Hq, L, D]
             hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(batch, length, -1))  # [B, L, H]
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.lm_head(self.text_model.norm(hidden[:, -1:, :]))[:, -1, :]  # [B, V]
 
 
 def matches_hf(run_hf: Callable[[], torch.Tensor], run_lean: Callable[[], torch.Tensor], dtype: torch.dtype,
-               what: str) -> bool:
-    """Compare logits computed both ways on identical inputs; log and refuse the lean step on a mismatch."""
+               what: str, fallback: str = "the HF forward") -> bool:
+    """Compare logits computed both ways on identical inputs; log (naming the path used instead) and
+    refuse the lean step on a mismatch."""
     expected, actual = run_hf().float(), run_lean().float()
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     error = (expected - actual).abs().max().item()
     if not error <= tolerance * max(1.0, expected.abs().max().item()):
-        logger.warning("lean %s differs from the HF forward by %.3g; using the HF forward", what, error)
+        logger.warning("lean %s differs from the HF forward by %.3g; using %s", what, error, fallback)
         return False
     return True

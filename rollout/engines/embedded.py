@@ -8,6 +8,12 @@ own position ids, so padding never shifts a row's rotary positions. A finished s
 once; its row leaves the slab at the next compaction (see `_compact`). Decode steps, and the prefill
 of text-only prompts, run through `LeanDecodeStep` when the model's decoder is a supported one.
 
+`decode_graphs` ("auto": on for CUDA) moves decoding from the slab to graph_decode.py: a static KV
+pool (row i in slot i, left-aligned) and a static-shape step captured as one CUDA graph per
+(rows, columns) bucket, since the slab's changing shapes and addresses cannot be captured. Prefill
+and sampling are the same on both paths; the graph step is checked against the HF forward at start
+and the slab path is kept if it differs.
+
 Weight updates and generation serialize on one lock, so an update lands between two decode steps.
 Samples still in flight keep their KV cache from the old weights (as in SGLang without a pause); each
 sample reports the `weight_version` current when it finished.
@@ -37,6 +43,7 @@ from rollout.engines.base import (
     SamplingParams,
 )
 from rollout.engines.decode_step import LeanDecodeStep, matches_hf
+from rollout.engines.graph_decode import CudaGraphDecoder, SlotBatch
 from rollout.engines.kv_batch import DecodeBatch, PromptState
 from rollout.engines.prompts import PromptBuilder, load_processor
 from rollout.engines.sampling import (
@@ -49,6 +56,7 @@ from rollout.engines.sampling import (
 
 logger = logging.getLogger(__name__)
 
+DECODE_GRAPHS = ("auto", "on", "off")
 
 
 @dataclass
@@ -87,9 +95,15 @@ class EmbeddedEngine(RolloutEngine):
         max_batch_size: int = 256,
         max_context_len: int | None = None,
         lean_decode: bool = True,
+        decode_graphs: str = "auto",
     ) -> None:
+        """`decode_graphs`: "auto" decodes on the static pool with CUDA graphs when the device is CUDA and
+        the lean step supports the model; "on" forces the static pool (run eagerly off CUDA: tests);
+        "off" keeps the left-padded slab (module docstring)."""
         from transformers import AutoModelForImageTextToText
 
+        if decode_graphs not in DECODE_GRAPHS:
+            raise ValueError(f"decode_graphs={decode_graphs!r} is not one of {list(DECODE_GRAPHS)}")
         self.model_path = str(model_path)
         self.device = torch.device(device)
         self.dtype = dtype
@@ -110,11 +124,12 @@ class EmbeddedEngine(RolloutEngine):
         forward_params = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
         self._lean_step = self._checked_lean_step() if lean_decode else None
+        self._graph_decoder = self._checked_graph_decoder(decode_graphs)
 
         self._model_lock = threading.Lock()
         self._queue: queue.Queue[_Pending] = queue.Queue()
         self._waiting: deque[_Pending] = deque()
-        self._batch: DecodeBatch | None = None
+        self._batch: DecodeBatch | SlotBatch | None = None
         self._rows: list[_Row] = []
         self._row_tensors: tuple[Any, ...] | None = None  # per-row sampling settings of _rows
         self._stopping = threading.Event()
@@ -174,6 +189,8 @@ class EmbeddedEngine(RolloutEngine):
         with self._model_lock, torch.no_grad():
             for target, tensor in staged:
                 target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+            if self._graph_decoder is not None:  # copy_ keeps the addresses captured graphs read
+                self._graph_decoder.sync_weights()
             self.weight_version = self.weight_version + 1 if weight_version is None else int(weight_version)
             return self.weight_version
 
@@ -210,6 +227,7 @@ class EmbeddedEngine(RolloutEngine):
             "max_context_len": self.max_context_len,
             "max_batch_size": self.max_batch_size,
             "model_type": self.model.config.model_type,
+            "decode_graphs": self._graph_decoder is not None,
         }
 
     def is_alive(self) -> bool:
@@ -265,7 +283,13 @@ class EmbeddedEngine(RolloutEngine):
             return
         # One merge for everything admitted: rebuilding the slab per request would be O(requests^2).
         prefills = [(cache, pending.prompt, len(rows)) for cache, pending, rows, _ in admitted]
-        if self._batch is None:
+        if self._graph_decoder is not None:
+            # The static pool is sized for the longest these rows can get (prompt + budget), once.
+            longest = max(pending.prompt.length + rows[0].max_new_tokens for _, pending, rows, _ in admitted)
+            if self._batch is None:
+                self._batch = self._graph_decoder.new_batch()
+            self._batch.append_prefills(prefills, longest)
+        elif self._batch is None:
             self._batch = DecodeBatch.from_prefills(prefills, self._cache_kwarg)
         else:
             self._batch.append_prefills(prefills)
@@ -294,8 +318,10 @@ class EmbeddedEngine(RolloutEngine):
         )
         return cache, outputs.logits[:, -1, :]
 
-    def _decode_logits(self, batch: DecodeBatch, lean: bool) -> torch.Tensor:
+    def _decode_logits(self, batch: DecodeBatch | SlotBatch, lean: bool) -> torch.Tensor:
         """One decode step of every row: logits [B, V]."""
+        if isinstance(batch, SlotBatch):
+            return batch.decode()
         input_ids, model_inputs = batch.step_inputs()  # input_ids [B, 1]
         if lean and self._lean_step is not None:
             return self._lean_step(input_ids, model_inputs["attention_mask"], model_inputs["position_ids"],
@@ -321,6 +347,34 @@ class EmbeddedEngine(RolloutEngine):
                 lambda: self._decode_logits(batches[0], lean=False),
                 lambda: self._decode_logits(batches[1], lean=True), self.dtype, "decode step")
         return step if ok else None
+
+    def _checked_graph_decoder(self, mode: str) -> CudaGraphDecoder | None:
+        """The static-pool decoder if `mode` asks for it and its step matches the HF forward; else None
+        (the slab path), with one warning when it was asked for but cannot be used."""
+        if mode == "off" or (mode == "auto" and self.device.type != "cuda"):
+            return None
+        if self._lean_step is None:
+            logger.log(logging.WARNING if mode == "on" else logging.INFO, "decode_graphs=%s: the static decode "
+                       "step needs the lean decode step, which this engine does not use; decoding on the slab", mode)
+            return None
+        prompt = self.prompts.build(GenerateRequest(input_ids=list(range(1, 6))))
+        try:
+            decoder = CudaGraphDecoder(self._lean_step, self.model, self.max_batch_size, self.max_context_len,
+                                       graphs=self.device.type == "cuda")
+            with torch.inference_mode():  # the same prompt both ways: prefill once, one decode step each
+                cache, _ = self._prefill_forward(prompt)
+                reference = DecodeBatch.from_prefills([(cache, prompt, 2)], self._cache_kwarg)
+                slots = decoder.new_batch()
+                slots.append_prefills([(cache, prompt, 2)], prompt.length + 2)
+                for batch in (reference, slots):
+                    batch.set_last_tokens([6, 7], 0)
+                ok = matches_hf(lambda: self._decode_logits(reference, lean=False), slots.decode, self.dtype,
+                                "static-pool decode step", fallback="the slab")
+        except Exception:  # noqa: BLE001 - an unsupported setup must not stop the engine
+            logger.warning("decode_graphs=%s: the static decode step failed; decoding on the slab", mode,
+                           exc_info=True)
+            return None
+        return decoder if ok else None
 
     def _prefill(self, pending: _Pending) -> tuple[Any, _Pending, list[_Row], tuple[list[int], list[float]]]:
         """Run the prompt once (batch 1) and sample the first token of each of its n samples."""
@@ -368,6 +422,7 @@ class EmbeddedEngine(RolloutEngine):
     def _record_tokens(self, sampled: tuple[list[int], list[float]], start_row: int) -> None:
         """Append this step's tokens to their live rows and finish rows that hit a stop."""
         tokens, logprobs = sampled
+        finished = []
         for offset, (token, logprob) in enumerate(zip(tokens, logprobs)):
             row = self._rows[start_row + offset]
             if row.finished:
@@ -377,8 +432,11 @@ class EmbeddedEngine(RolloutEngine):
             reason = self._finish_reason(row, token)
             if reason is not None:
                 self._finish_row(row, reason)
+                finished.append(start_row + offset)
         assert self._batch is not None
         self._batch.set_last_tokens(tokens, start_row)
+        if finished and isinstance(self._batch, SlotBatch):
+            self._batch.release_rows(finished)  # static slots stop advancing (a slab row just rides along)
 
     def _compact(self, force: bool = False) -> None:
         """Drop finished rows from the slab once they are >= 1/8 of it (or all of it, or when forced).
