@@ -33,6 +33,9 @@ class ModelConfig:
     """parts kept in bf16 under FP8: 'first'/'last' decoder layer, 'vision' tower."""
     recompute: str = "none"
     """activation recompute: none | selective (core attention) | full (whole layers)."""
+    compile: bool = False
+    """torch.compile each decoder layer (sdpa/local spec; fuses the elementwise kernels around matmuls and
+    attention; the first steps pay the compile time)."""
     packed_sequences: bool = False
     """run the decoder on each micro-batch's real tokens packed into one sequence (THD, no padding compute;
     spec auto (picks sdpa on CPU), sdpa or te; not with context parallelism)."""

@@ -28,6 +28,7 @@ message that says so.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 from typing import Literal
 
@@ -161,9 +162,30 @@ def linear_modules(backend: Backend) -> tuple[type, type]:
         from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
 
         return TEColumnParallelLinear, TERowParallelLinear
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.tensor_parallel import ColumnParallelLinear
 
-    return ColumnParallelLinear, RowParallelLinear
+    return ColumnParallelLinear, _row_parallel_linear()
+
+
+@functools.cache
+def _row_parallel_linear() -> type:
+    """Megatron's `RowParallelLinear`, handing its own TP group to the matmul.
+
+    Megatron 0.16.1's `RowParallelLinear.forward` calls the matmul with `tp_group=None`, which
+    `get_tensor_model_parallel_group_if_none` answers with a `warnings.warn` on every forward: harmless
+    eagerly, but a graph break wherever the layer is `torch.compile`d (`vlm_base.compile_decoder_layers`).
+    The group is only read for sequence-parallel / dgrad all-reduce, both off in that call, so the numerics
+    are the same; parameter names too.
+    """
+    from megatron.core.tensor_parallel import RowParallelLinear
+
+    class RowParallelLinearWithGroup(RowParallelLinear):
+        def _forward_impl(self, input, weight, *args, **kwargs):
+            if kwargs.get("tp_group", 0) is None:
+                kwargs["tp_group"] = self.tp_group
+            return super()._forward_impl(input, weight, *args, **kwargs)
+
+    return RowParallelLinearWithGroup
 
 
 def transformer_layer_spec(backend: Backend, attn_mask_type: AttnMaskType) -> ModuleSpec:

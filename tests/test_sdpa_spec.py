@@ -336,3 +336,37 @@ def test_qwen2_5_vl_sdpa_bf16(tiny_checkpoint, models):
     confident = (top2[..., 0] - top2[..., 1]) > 0.1
     assert confident.any()
     assert torch.equal(got.float().argmax(-1)[confident], reference.argmax(-1)[confident])
+
+
+def test_compiled_decoder_layers_equal_eager_without_graph_breaks(megatron_world, tiny_checkpoint, models):
+    """model.compile: each decoder layer through torch.compile computes the eager logits and grads; the layers
+    share one graph (no graph breaks, no per-layer recompiles), and a second sequence length compiles one
+    dynamic graph that later lengths reuse."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from model_providers.vlm_base import compile_decoder_layers
+
+    hf_config, tensors = tiny_checkpoint
+    compiled = _build(hf_config, tensors, "sdpa")
+    compile_decoder_layers(compiled)
+    assert compiled.state_dict().keys() == models["sdpa"].state_dict().keys()
+    torch._dynamo.reset()
+    counters.clear()
+    for length in (20, 14, 9):
+        inputs = {"input_ids": torch.randint(0, 600, (2, length), generator=torch.Generator().manual_seed(length))}
+        inputs["position_ids"] = torch.arange(length).expand(3, 2, length)
+        grads = []
+        for model in (models["sdpa"], compiled):
+            model.zero_grad(set_to_none=True)
+            logits = model(inputs["input_ids"], inputs["position_ids"], None)
+            logits.square().mean().backward()
+            grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+            if model is compiled:
+                got = logits.detach()
+            else:
+                expected = logits.detach()
+        assert (got - expected).abs().max() <= LOGITS_TOL
+        assert max((grads[1][n] - g).abs().max().item() for n, g in grads[0].items()) <= 1e-6
+    print(f"compiled layers: {dict(counters['stats'])}")
+    assert counters["stats"]["unique_graphs"] == 2  # one static graph for length 20, one dynamic for the rest

@@ -132,6 +132,7 @@ class MegatronPolicy:
             fp8_bf16_layers=tuple(model_cfg.fp8_bf16_layers),
             sequence_parallel=sequence_parallel,
             packed_sequences=model_cfg.packed_sequences,
+            compile_layers=model_cfg.compile,
         )
         self.mapping = get_mapping(self.arch, self.hf_config, model.backend)
         self.placement = Placement.from_parallel_state(model.config)
