@@ -280,6 +280,23 @@ def test_sampler_filters_and_distribution():
     assert torch.allclose(freq, torch.softmax(row[0] / 0.7, -1), atol=0.015)
 
 
+def test_sampled_token_does_not_depend_on_batch_neighbours():
+    """An unfiltered row draws the same token for its uniform alone and beside a top-p / top-k row (the
+    filtering row sorts the vocabulary; the unfiltered one must not follow it)."""
+    torch.manual_seed(1)
+    logits = torch.randn(2, 64)
+    uniforms = torch.rand(2)
+    for u in torch.linspace(0.01, 0.99, 25):
+        uniforms[0] = u
+        alone, _ = sample_next_tokens(logits[:1], SamplingTensors(torch.ones(1), torch.ones(1),
+                                                                   torch.full((1,), -1), uniforms[:1]))
+        mixed, _ = sample_next_tokens(logits, SamplingTensors(torch.ones(2), torch.tensor([1.0, 0.9]),
+                                                              torch.tensor([-1, 8]), uniforms))
+        filtered_alone, _ = sample_next_tokens(logits[1:], SamplingTensors(torch.ones(1), torch.tensor([0.9]),
+                                                                            torch.tensor([8]), uniforms[1:]))
+        assert mixed[0] == alone[0] and mixed[1] == filtered_alone[0]
+
+
 def test_internvl_greedy_matches_hf(tmp_path_factory):
     from transformers import AutoModelForImageTextToText
 

@@ -53,31 +53,37 @@ def sample_next_tokens(logits: torch.Tensor, params: SamplingTensors) -> tuple[t
 
 
 def _sample_filtered(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
-    """Inverse-CDF sampling from softmax(logits / T) restricted by top-k then top-p (HF's order)."""
-    batch, vocab = logits.shape
+    """Inverse-CDF sampling from softmax(logits / T) restricted by top-k then top-p (HF's order).
+
+    Rows without a filter walk the CDF in vocabulary order; rows with one walk it over the sorted vocabulary
+    (the filters are rank cut-offs). Which order a row uses depends only on its own settings, so a row's
+    token for a given uniform does not depend on whether a filtering row shares its batch.
+    """
+    vocab = logits.shape[1]
     # Greedy rows get temperature 1 here only to avoid dividing by 0; their sample is discarded.
     temperature = torch.where(params.temperature > 0, params.temperature, torch.ones_like(params.temperature))
     scaled = logits / temperature[:, None]  # [B, V]
-    needs_filter = params.needs_filter
-    if needs_filter:
-        scaled, order = scaled.sort(dim=-1, descending=True)  # [B, V] each, best token first
+    tokens = _inverse_cdf(torch.softmax(scaled, dim=-1), params.uniforms)  # [B], vocabulary order
+    if not params.needs_filter:
+        return tokens
+    scaled, order = scaled.sort(dim=-1, descending=True)  # [B, V] each, best token first
     probs = torch.softmax(scaled, dim=-1)  # [B, V]
-    if needs_filter:
-        ranks = torch.arange(vocab, device=logits.device)[None, :]  # [1, V]
-        top_k = torch.where(params.top_k > 0, params.top_k, torch.full_like(params.top_k, vocab))
-        keep = ranks < top_k[:, None]  # [B, V]
-        probs = probs * keep
-        # Top-p on the top-k-renormalised distribution: keep a token while the mass strictly before it
-        # is < p of the kept mass (so the best token always survives).
-        mass_before = probs.cumsum(dim=-1) - probs
-        keep = mass_before < params.top_p[:, None] * probs.sum(dim=-1, keepdim=True)  # [B, V]
-        probs = probs * keep
+    ranks = torch.arange(vocab, device=logits.device)[None, :]  # [1, V]
+    top_k = torch.where(params.top_k > 0, params.top_k, torch.full_like(params.top_k, vocab))
+    probs = probs * (ranks < top_k[:, None])  # [B, V]
+    # Top-p on the top-k-renormalised distribution: keep a token while the mass strictly before it
+    # is < p of the kept mass (so the best token always survives).
+    mass_before = probs.cumsum(dim=-1) - probs
+    probs = probs * (mass_before < params.top_p[:, None] * probs.sum(dim=-1, keepdim=True))  # [B, V]
+    filtered = order.gather(1, _inverse_cdf(probs, params.uniforms)[:, None]).squeeze(1)  # [B]
+    return torch.where((params.top_k > 0) | (params.top_p < 1), filtered, tokens)
+
+
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Column index of the first cumulative mass above uniform x total mass, per row: [B, V] -> [B]."""
     cdf = probs.cumsum(dim=-1)  # [B, V]
-    threshold = params.uniforms[:, None] * cdf[:, -1:]  # [B, 1]; u < 1 so threshold < total mass
-    position = torch.searchsorted(cdf, threshold, right=True).clamp_max(vocab - 1)  # [B, 1]
-    if needs_filter:
-        return order.gather(1, position).squeeze(1)
-    return position.squeeze(1)
+    threshold = uniforms[:, None] * cdf[:, -1:]  # [B, 1]; u < 1 so threshold < total mass
+    return torch.searchsorted(cdf, threshold, right=True).clamp_max(probs.shape[1] - 1).squeeze(1)
 
 
 _MASK64 = (1 << 64) - 1
