@@ -2,11 +2,16 @@
 same decoder shape and tokens, in one run on one device.
 
     python bench/gpu_train.py --shape 3b --seq 4096          # on the lent GPU (bf16)
+    python bench/gpu_train.py --shape 7b --seq 4096 --recompute --stacks eager,transformers
+    python bench/gpu_train.py --shape 3b --seq 4096 --rows 8 --stacks eager,packed,transformers
     python bench/gpu_train.py --shape tiny --seq 128         # on CPU (fp32): keeps the code path tested
 
 Shapes are Qwen2.5-VL text decoders (3B: 36 layers, hidden 2048, FFN 11008, 16 heads, 2 KV heads, vocab
-151936). Random weights; the same token batch for both stacks. Reports tokens/s, model TFLOP/s
-(6·N·tokens + causal attention 6·L·s·h per token), MFU against --peak-tflops, peak memory. Writes
+151936). Random weights; the same token batch for every stack. Stacks: our Megatron policy on the sdpa
+spec, eager and with model.compile; with --rows > 1 (rows of varied lengths, padded to --seq) also packed
+(model.packed_sequences); transformers' Qwen2 with SDPA (padded rows: attention mask). Reports tokens/s of
+real tokens, model TFLOP/s (6·N·tokens + causal attention 6·L·s·h per token), MFU against --peak-tflops,
+peak memory, and each Megatron stack's throughput and memory over transformers'. Writes
 bench/results/gpu_train.json (or --out).
 """
 
@@ -89,29 +94,37 @@ def time_steps(fn, steps: int, warmup: int, device) -> list[float]:
     return out
 
 
-def bench_megatron(cfg, tokens, x, dtype, steps, warmup, device, recompute: bool):
+def bench_megatron(cfg, tokens, x, dtype, steps, warmup, device, *, recompute: bool = False,
+                   compile_layers: bool = False, lengths: torch.Tensor | None = None, packed: bool = False):
+    """Our policy's train step: sdpa spec (TE is absent on the lent GPU), fwd + CalibRL loss + bwd.
+
+    `lengths` [b]: right-padded rows of these real lengths (`tokens` [b, s]); `packed`: run them packed
+    (model.packed_sequences). `compile_layers`: model.compile."""
     from calibrl_mcore.trainer.objective import response_logprobs_and_entropy
+    from model_providers.packing import PackedLayout
     from model_providers.registry import build_model
 
-    model = build_model(cfg, params_dtype=dtype, spec="auto").to(device)
-    if recompute:
-        model.config.recompute_granularity, model.config.recompute_method = "full", "uniform"
-        model.config.recompute_num_layers = 1
+    model = build_model(cfg, params_dtype=dtype, spec="auto", recompute="full" if recompute else "none",
+                        compile_layers=compile_layers, packed_sequences=packed).to(device)
     labels = torch.roll(tokens, -1, dims=1)
     pos = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
-    everywhere = torch.ones_like(tokens, dtype=torch.bool)
+    real = torch.ones_like(tokens, dtype=torch.bool)
+    if lengths is not None:
+        real = torch.arange(tokens.shape[1], device=device)[None, :] < lengths.to(device)[:, None]
+    layout = PackedLayout.from_lengths(lengths, tokens.shape[1], device=device) if packed else None
 
     def step():
-        logits = model(tokens, pos, None)
+        logits = model(tokens, pos, None, packed=layout)
         # The trainer's path: the chunked fused log-prob kernel (no whole fp32 [tokens, V] copy).
-        logp, _ = response_logprobs_and_entropy(logits, labels, everywhere)
-        calibrl_step_loss(logp, x).backward()
+        logp, _ = response_logprobs_and_entropy(logits, labels, real)
+        calibrl_step_loss(logp, dict(x, mask=real)).backward()
         model.zero_grad(set_to_none=True)
 
     return measure(step, steps, warmup, device)
 
 
-def bench_transformers(cfg, tokens, x, dtype, steps, warmup, device):
+def bench_transformers(cfg, tokens, x, dtype, steps, warmup, device, *, lengths: torch.Tensor | None = None):
+    """transformers' Qwen2 with SDPA on the same tokens (padded rows: with an attention mask)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     text = cfg.text_config.to_dict()
@@ -123,14 +136,25 @@ def bench_transformers(cfg, tokens, x, dtype, steps, warmup, device):
     with torch.device(device):  # initialise on the device: a 3B CPU init takes minutes
         model = Qwen2ForCausalLM._from_config(qcfg, torch_dtype=dtype)
     labels = torch.roll(tokens, -1, dims=1)
+    mask = None
+    if lengths is not None:
+        mask = (torch.arange(tokens.shape[1], device=device)[None, :] < lengths.to(device)[:, None]).long()
 
     def step():
-        logits = model(input_ids=tokens, use_cache=False).logits
+        logits = model(input_ids=tokens, attention_mask=mask, use_cache=False).logits
         logp = torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None]).squeeze(-1)
-        calibrl_step_loss(logp, x).backward()
+        calibrl_step_loss(logp, x if mask is None else dict(x, mask=mask.bool())).backward()
         model.zero_grad(set_to_none=True)
 
     return measure(step, steps, warmup, device)
+
+
+def row_lengths(rows: int, seq: int, seed: int = 0) -> torch.Tensor:
+    """`rows` lengths in [seq/4, seq] (RL responses vary): the padded batch is [rows, seq]."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(seq // 4, seq + 1, (rows,), generator=g)
+    lengths[0] = seq  # the longest row sets the padded length
+    return lengths
 
 
 def main() -> None:
@@ -140,6 +164,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--recompute", action="store_true", help="full activation recompute (Megatron side)")
+    parser.add_argument("--rows", type=int, default=1,
+                        help="> 1: a batch of rows of varied lengths (up to --seq), padded vs packed")
+    parser.add_argument("--stacks", default="eager,compiled,transformers",
+                        help="comma list of: eager, compiled (model.compile), transformers; with --rows > 1 "
+                             "'packed' and 'packed_compiled' too")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gpu_train.json")
     args = parser.parse_args()
@@ -152,25 +181,48 @@ def main() -> None:
     shape = SHAPES[args.shape]
     cfg = vl_config(shape)
     torch.manual_seed(0)
-    tokens = torch.randint(0, shape["vocab_size"] - 8, (1, args.seq), device=device)
-    x = loss_inputs(1, args.seq, device)
-    fpt = flops_per_token(shape, args.seq)
-    result = {"shape": args.shape, "seq": args.seq, "dtype": str(dtype), "device": str(device),
+    tokens = torch.randint(0, shape["vocab_size"] - 8, (args.rows, args.seq), device=device)
+    lengths = row_lengths(args.rows, args.seq) if args.rows > 1 else None
+    real_tokens = int(lengths.sum()) if lengths is not None else args.seq
+    x = loss_inputs(args.rows, args.seq, device)
+    fpt = flops_per_token(shape, args.seq)  # attention term at the longest row: an upper bound for rows
+    common = (cfg, tokens, x, dtype, args.steps, args.warmup, device)
+    every = {
+        "eager": lambda: bench_megatron(*common, recompute=args.recompute, lengths=lengths),
+        "compiled": lambda: bench_megatron(*common, recompute=args.recompute, lengths=lengths, compile_layers=True),
+        "packed": lambda: bench_megatron(*common, recompute=args.recompute, lengths=lengths, packed=True),
+        "packed_compiled": lambda: bench_megatron(*common, recompute=args.recompute, lengths=lengths, packed=True,
+                                                  compile_layers=True),
+        "transformers": lambda: bench_transformers(*common, lengths=lengths),
+    }
+    names = {"eager": "megatron_calibrl", "compiled": "megatron_calibrl_compiled", "packed": "megatron_calibrl_packed",
+             "packed_compiled": "megatron_calibrl_packed_compiled", "transformers": "transformers_sdpa"}
+    wanted = [w.strip() for w in args.stacks.split(",") if w.strip()]
+    unknown = sorted(set(wanted) - set(every))
+    if unknown or (args.rows == 1 and any(w.startswith("packed") for w in wanted)):
+        parser.error(f"--stacks {args.stacks!r}: choose from {sorted(every)} (packed ones need --rows > 1)")
+    result = {"shape": args.shape, "seq": args.seq, "rows": args.rows, "real_tokens": real_tokens,
+              "recompute": args.recompute, "dtype": str(dtype), "device": str(device),
               "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "stacks": {}}
-    runs = {"megatron_calibrl": lambda: bench_megatron(cfg, tokens, x, dtype, args.steps, args.warmup, device,
-                                                       args.recompute),
-            "transformers_sdpa": lambda: bench_transformers(cfg, tokens, x, dtype, args.steps, args.warmup, device)}
-    for name, fn in runs.items():
-        times, peak = fn()
+    for key in wanted:
+        times, peak = every[key]()
         step_s = statistics.median(times)
-        tps = args.seq / step_s
-        result["stacks"][name] = {"step_s": step_s, "tokens_per_s": tps, "model_tflops": tps * fpt / 1e12,
-                                  "mfu": tps * fpt / 1e12 / args.peak_tflops, "peak_gb": peak, "all_s": times}
+        tps = real_tokens / step_s
+        result["stacks"][names[key]] = {"step_s": step_s, "tokens_per_s": tps, "model_tflops": tps * fpt / 1e12,
+                                        "mfu": tps * fpt / 1e12 / args.peak_tflops, "peak_gb": peak, "all_s": times}
+        print(f"{names[key]}: {tps:,.0f} tokens/s, peak {peak} GB", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     s = result["stacks"]
-    result["megatron_over_transformers_throughput"] = (s["megatron_calibrl"]["tokens_per_s"]
-                                                       / s["transformers_sdpa"]["tokens_per_s"])
+    if "transformers_sdpa" in s:
+        base = s["transformers_sdpa"]
+        for name, stack in s.items():
+            if name != "transformers_sdpa":
+                stack["throughput_over_transformers"] = stack["tokens_per_s"] / base["tokens_per_s"]
+                if stack["peak_gb"] is not None:
+                    stack["peak_memory_over_transformers"] = stack["peak_gb"] / base["peak_gb"]
+        if "megatron_calibrl" in s:  # the key tools/gpu_smoke.sh and earlier results use
+            result["megatron_over_transformers_throughput"] = s["megatron_calibrl"]["throughput_over_transformers"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -27,8 +27,14 @@ def test_losses_bench(tmp_path):
 @pytest.mark.slow
 def test_gpu_train_bench_runs_on_cpu(tmp_path):
     r = run_bench("gpu_train.py", "--shape", "tiny", "--seq", "32", "--steps", "1", "--warmup", "0",
-                  out=tmp_path / "g.json")
+                  "--stacks", "eager,transformers", out=tmp_path / "g.json")
     assert set(r["stacks"]) == {"megatron_calibrl", "transformers_sdpa"}
+    assert r["megatron_over_transformers_throughput"] > 0
+    # rows of varied lengths: padded vs packed (model.packed_sequences), real tokens counted
+    r = run_bench("gpu_train.py", "--shape", "tiny", "--seq", "32", "--steps", "1", "--warmup", "0",
+                  "--rows", "3", "--stacks", "eager,packed,transformers", out=tmp_path / "g2.json")
+    assert r["stacks"]["megatron_calibrl_packed"]["throughput_over_transformers"] > 0
+    assert r["real_tokens"] < 3 * 32
 
 
 @pytest.mark.slow
