@@ -1,6 +1,6 @@
-"""Image preprocessing backends (calibrl_mcore/data/dali.py): the PIL path against the HF slow image
-processors (Qwen2-VL smart-resize + patchify, GOT-OCR2/InternVL tiles), the one-time fallback warning, the
-error for an explicit DALI request without DALI, and (GPU + DALI only) DALI against PIL."""
+"""Image preprocessing backends (calibrl_mcore/data/dali.py, image_spec.py): the PIL path against the HF
+slow image processors (Qwen2-VL smart-resize + patchify, GOT-OCR2/InternVL tiles), the one-time fallback
+warning, the error for an explicit DALI request without DALI, and (GPU + DALI only) DALI against PIL."""
 
 from __future__ import annotations
 
@@ -72,35 +72,30 @@ def _internvl_processors():
 SIZES = [(28, 28), (56, 56), (60, 100), (37, 201), (300, 170), (512, 384)]
 
 
+PROCESSORS = [("qwen", name, proc) for name, proc in _qwen_processors()] + [
+    ("internvl", name, proc) for name, proc in _internvl_processors()
+]
+
+
 @pytest.mark.parametrize(
-    "name,processor", list(_qwen_processors()), ids=lambda v: v if isinstance(v, str) else ""
+    "family,name,processor", PROCESSORS, ids=[f"{family}-{name}" for family, name, _ in PROCESSORS]
 )
-def test_pil_path_equals_qwen2_vl_processor(name, processor):
+def test_pil_path_equals_processor(family, name, processor):
+    """Qwen2-VL (smart-resize + patchify) and GOT-OCR2/InternVL (tiles): the processor's own outputs."""
     spec = ImageSpec.from_processor(processor)
-    assert spec.mode == "smart_resize"
+    assert spec.mode == {"qwen": "smart_resize", "internvl": "tiles"}[family]
     sources = [_image(h, w, seed=i) for i, (h, w) in enumerate(SIZES)]
     ours = to_model_inputs(preprocess_images(sources, spec, backend="pil"), spec)
     theirs = processor(images=[load_image(s) for s in sources], return_tensors="pt")
-    assert torch.equal(ours["image_grid_thw"], theirs["image_grid_thw"])
+    if family == "qwen":
+        assert torch.equal(ours["image_grid_thw"], theirs["image_grid_thw"])
+    else:
+        assert ours["num_patches"].tolist() == list(theirs["num_patches"])
+        if name == "tiny":
+            assert max(ours["num_patches"].tolist()) > 1, (
+                "no image was tiled: the test sizes miss the tiling path"
+            )
     assert ours["pixel_values"].shape == theirs["pixel_values"].shape
-    assert torch.equal(ours["pixel_values"], theirs["pixel_values"])  # bit for bit
-
-
-@pytest.mark.parametrize(
-    "name,processor", list(_internvl_processors()), ids=lambda v: v if isinstance(v, str) else ""
-)
-def test_pil_path_equals_internvl_processor(name, processor):
-    spec = ImageSpec.from_processor(processor)
-    assert spec.mode == "tiles"
-    sources = [_image(h, w, seed=i) for i, (h, w) in enumerate(SIZES)]
-    views = preprocess_images(sources, spec, backend="pil")
-    ours = to_model_inputs(views, spec)
-    theirs = processor(images=[load_image(s) for s in sources], return_tensors="pt")
-    assert ours["num_patches"].tolist() == list(theirs["num_patches"])
-    if name == "tiny":
-        assert max(ours["num_patches"].tolist()) > 1, (
-            "no image was tiled: the test sizes miss the tiling path"
-        )
     assert torch.equal(ours["pixel_values"], theirs["pixel_values"])  # bit for bit
 
 
