@@ -147,6 +147,9 @@ class AlgoConfig:
     """RL-PLUS exploration weight exponent in (1 − π)^κ."""
     dynamic_sampling: bool = False
     """DAPO: drop groups whose rewards all agree (defaults to on for dapo)."""
+    dynamic_sampling_max_rounds: int = 2
+    """with dynamic sampling: extra prompt batches sampled per step to refill train.prompts_per_step groups
+    that carry signal (0 = no refill: the step trains on fewer groups)."""
     overlong_buffer: int = 0
     """DAPO soft overlong penalty: responses longer than max_new_tokens − buffer lose up to
     overlong_penalty of reward, linearly (0 = off)."""
@@ -303,6 +306,8 @@ def _validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) <= 0:
             raise ConfigError(f"{key} must be > 0, got {getattr(getattr(cfg, section), name)}")
+    if cfg.algo.dynamic_sampling_max_rounds < 0:
+        raise ConfigError(f"algo.dynamic_sampling_max_rounds must be >= 0, got {cfg.algo.dynamic_sampling_max_rounds}")
     if cfg.train.max_tokens_per_micro_batch < 0:
         raise ConfigError(f"train.max_tokens_per_micro_batch must be >= 0 (0 = off), got "
                           f"{cfg.train.max_tokens_per_micro_batch}")

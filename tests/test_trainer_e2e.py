@@ -538,3 +538,15 @@ def test_killed_rollout_server_is_restarted_and_step_retried(tiny, dp1_run):
     print(f"\n[restart] restarts={rows[1]['rollout/server_restarts']:.0f}; step-2 loss {rows[1]['train/loss']!r} "
           f"vs uninterrupted {ref['train/loss']!r} (rel {rel:.2e})")
     assert rows[1]["reward/mean"] == ref["reward/mean"] and rel <= 1e-6
+
+
+@pytest.mark.distributed
+def test_dapo_dynamic_sampling_refills_the_step(tiny):
+    """algo.name=dapo: groups whose samples all earn one reward are dropped and the step refilled from further
+    prompt batches, up to train.prompts_per_step informative groups or algo.dynamic_sampling_max_rounds."""
+    run = _train(tiny, "dapo", 1, "train.steps=1", "algo.name=dapo", "algo.dynamic_sampling_max_rounds=3")
+    got = _metrics(run)[0]
+    rounds, groups = got["rollout/dynamic_sampling_rounds"], got["rollout/informative_groups"]
+    print(f"\n[dapo] refill rounds {rounds}, informative groups {groups}, reward/mean {got['reward/mean']}")
+    assert groups == 8 or rounds == 3  # train.prompts_per_step = 8 (configs/tiny_cpu.yaml)
+    assert 0 < groups <= 8 and math.isfinite(got["train/loss"])

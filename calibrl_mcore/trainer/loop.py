@@ -32,6 +32,7 @@ from calibrl_mcore.data.dataset import PromptDataset, PromptSampler
 from calibrl_mcore.parallel import ParallelConfig, destroy_distributed, init_distributed
 from calibrl_mcore.trainer.batch import Row, collate, micro_batch_chunks, padding_fraction
 from calibrl_mcore.trainer.checkpoint import CheckpointManager
+from calibrl_mcore.trainer.dynamic_sampling import flat_groups, refill_informative_groups
 from calibrl_mcore.trainer.metrics import MetricsLogger, from_last_stage, mean_of, reduce_shares
 from calibrl_mcore.trainer.objective import logprob_fn, rl_loss_fn
 from calibrl_mcore.trainer.policy import MegatronPolicy, MicroBatch
@@ -169,10 +170,8 @@ class Trainer:
             payload: list = [None]
             if self.is_rank0:
                 cursor = self.sampler.state_dict()
-                examples = [self.dataset[i] for i in self.sampler.next_batch(self.cfg.train.prompts_per_step)]
                 try:
-                    rows, metrics = self.stage.collect(self.step, examples, first_group_id=self.step * 1_000_000)
-                    metrics.update(self._reward_metrics(rows))
+                    rows, metrics = self._collect_step_rows()
                     payload = [("ok", rows, metrics, self.sampler.state_dict())]
                 except RolloutFailure as exc:
                     if attempt == 1 or self.server is None:
@@ -190,22 +189,43 @@ class Trainer:
             self.sync.push(self.weight_version)  # the restarted server came up with the initial weights
         raise AssertionError("unreachable")
 
+    def _collect_step_rows(self) -> tuple[list[Row], dict[str, float]]:
+        """Rank 0: sample the step's prompts and roll them out; with dynamic sampling (DAPO) keep only groups
+        with reward variance and refill from further prompt batches (`dynamic_sampling.py`)."""
+        want, step = self.cfg.train.prompts_per_step, self.step
+
+        def sample(round_index: int) -> tuple[list[Row], dict]:
+            examples = [self.dataset[i] for i in self.sampler.next_batch(want)]
+            first = step * 1_000_000 + round_index * 10_000  # fresh group ids per round (want < 10,000)
+            return self.stage.collect(step, examples, first_group_id=first, round_index=round_index)
+
+        rows, metrics = sample(0)
+        algo = self.cfg.algo
+        if not (algo.dynamic_sampling or algo.name == "dapo"):
+            metrics.update(self._reward_metrics(rows))
+            return rows, metrics
+
+        def sample_more(round_index: int) -> list[Row]:
+            more, more_metrics = sample(round_index)
+            metrics["rollout/time_s"] += more_metrics["rollout/time_s"]
+            return more
+
+        refill = refill_informative_groups(rows, want, sample_more, algo.dynamic_sampling_max_rounds)
+        metrics.update(self._reward_metrics(refill.sampled))  # the policy's rewards, before the filter
+        metrics["rollout/dynamic_sampling_rounds"] = float(refill.rounds)
+        metrics["rollout/informative_groups"] = float(refill.groups)
+        return refill.rows, metrics
+
     def local_rows(self, rows: Sequence[Row], dp_rank: int | None = None) -> list[int]:
         """A DP rank's share of the trained rows: round-robin over the step's rows (groups straddle).
 
         With dynamic sampling (DAPO), groups whose on-policy rewards all agree carry no signal and are
-        left out (the batch shrinks; refilling it with fresh prompts is not implemented).
+        left out (`rollout` refills the step with other groups; these are what is left when its rounds ran out).
         """
         dp = parallel_state.get_data_parallel_world_size()
         rank = parallel_state.get_data_parallel_rank() if dp_rank is None else dp_rank
         algo = self.cfg.algo
-        flat: set[int] = set()
-        if algo.dynamic_sampling or algo.name == "dapo":
-            rewards: dict[int, set[float]] = {}
-            for r in rows:
-                if not r.is_expert:
-                    rewards.setdefault(r.group_id, set()).add(r.reward)
-            flat = {g for g, v in rewards.items() if len(v) == 1}
+        flat = flat_groups(rows) if algo.dynamic_sampling or algo.name == "dapo" else set()
         trained = [i for i, r in enumerate(rows)
                    if (not r.is_expert or algo.name in TRAINS_EXPERT_ROWS) and r.group_id not in flat]
         return trained[rank::dp]

@@ -115,8 +115,10 @@ class RolloutStage:
         except (RolloutRequestError, OSError) as exc:
             raise RolloutFailure(str(exc)) from exc
 
-    def collect(self, step: int, examples: Sequence[Example], first_group_id: int) -> tuple[list[Row], dict]:
-        """G samples per example + one expert row per group, rewarded. Group ids: first_group_id + k."""
+    def collect(self, step: int, examples: Sequence[Example], first_group_id: int,
+                round_index: int = 0) -> tuple[list[Row], dict]:
+        """G samples per example + one expert row per group, rewarded. Group ids: first_group_id + k.
+        `round_index`: the step's n-th batch (dynamic sampling refills), which gets its own sampling seed."""
         t0 = time.perf_counter()
         inputs = [self.encoder.prompt(ex) for ex in examples]
         params = {
@@ -125,7 +127,7 @@ class RolloutStage:
             "top_p": self.cfg.top_p,
             "top_k": self.cfg.top_k,
             "n": self.cfg.n_samples,
-            "seed": 1_000_003 * (step + 1),
+            "seed": 1_000_003 * (step + 1) + 7_919 * round_index,
         }
         samples = self._generate([{"text": p.text, "image_data": p.images} for p in inputs], params)
         rollout_s = time.perf_counter() - t0
