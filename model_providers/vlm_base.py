@@ -282,14 +282,14 @@ class VisionLanguageModel(MegatronModule):
         into one [T] sequence; inputs and outputs keep their [b, s] shapes (zeros at padding), and the
         hidden states between pipeline stages are the packed [T, 1, h].
         """
+        if packed is not None and self.config.context_parallel_size > 1:
+            raise NotImplementedError("packed sequences with context parallelism are not supported")
+        if packed is not None and self.backend == "local":
+            raise ValueError("packed sequences need the 'sdpa' or 'te' spec (the local attention has no THD path)")
         position_ids = self.rope_positions(position_ids, input_ids)
         decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, packed) if self.pre_process else None
         packed_seq_params = None
         if packed is not None:
-            if self.config.context_parallel_size > 1:
-                raise NotImplementedError("packed sequences with context parallelism are not supported")
-            if self.backend == "local":
-                raise ValueError("packed sequences need the 'sdpa' or 'te' spec (the local attention has no THD path)")
             packed_seq_params = packed.packed_seq_params(device_boundaries_only=self.backend == "te")
             input_ids = packed.pack(input_ids).unsqueeze(0)  # [1, T]
             position_ids = packed.pack(position_ids, batch_dim=position_ids.dim() - 2).unsqueeze(-2)  # [(3,) 1, T]
