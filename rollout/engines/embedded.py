@@ -5,8 +5,9 @@ prefilled once (batch 1, so its logits equal a plain forward pass) and its KV ca
 rows of the running batch, where the n samples then decode together with every other running row
 (continuous batching). Rows of different lengths share one left-padded KV slab; each row carries its
 own position ids, so padding never shifts a row's rotary positions. A finished sample completes at
-once; its row leaves the slab at the next compaction (see `_compact`). Decode steps, and the prefill
-of text-only prompts, run through `LeanDecodeStep` when the model's decoder is a supported one.
+once (stop checks and outputs: sample_rows.py); its row leaves the slab at the next compaction (see
+`_compact`). Decode steps, and the prefill of text-only prompts, run through `LeanDecodeStep` when the
+model's decoder is a supported one.
 
 `decode_graphs` ("auto": on for CUDA) moves decoding from the slab to graph_decode.py: a static KV
 pool (row i in slot i, left-aligned) and a static-shape step captured as one CUDA graph per
@@ -29,7 +30,6 @@ import random
 import threading
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,48 +40,24 @@ from rollout.engines.base import (
     GenerateRequest,
     RolloutEngine,
     SampleOutput,
-    SamplingParams,
 )
 from rollout.engines.decode_step import LeanDecodeStep, matches_hf
 from rollout.engines.graph_decode import CudaGraphDecoder, SlotBatch
 from rollout.engines.kv_batch import DecodeBatch, PromptState
 from rollout.engines.prompts import PromptBuilder, load_processor
-from rollout.engines.sampling import (
-    SamplingTensors,
-    counter_uniforms,
-    find_stop_string,
-    row_key,
-    sample_next_tokens,
+from rollout.engines.sample_rows import (
+    PendingRequest,
+    SampleRow,
+    collect_eos_ids,
+    empty_output,
+    finish_reason,
+    finish_row,
 )
+from rollout.engines.sampling import SamplingTensors, counter_uniforms, row_key, sample_next_tokens
 
 logger = logging.getLogger(__name__)
 
 DECODE_GRAPHS = ("auto", "on", "off")
-
-
-@dataclass
-class _Pending:
-    """A validated request waiting for (or in) the decode batch."""
-
-    request: GenerateRequest
-    prompt: PromptState
-    future: concurrent.futures.Future[list[SampleOutput]]
-    outputs: list[SampleOutput | None] = field(default_factory=list)
-    rows_left: int = 0
-
-
-@dataclass
-class _Row:
-    """One sample being decoded: which request it belongs to and what it produced so far."""
-
-    pending: _Pending
-    sample_index: int
-    key: int  # random stream of this sample: uniforms are hash(key, token index)
-    max_new_tokens: int  # already clipped by the context length
-    stop_ids: frozenset[int]  # token ids that end this sample (eos unless ignore_eos, stop_token_ids)
-    output_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    finished: bool = False  # done, but still occupying a slab row until the next compaction
 
 
 class EmbeddedEngine(RolloutEngine):
@@ -119,7 +95,7 @@ class EmbeddedEngine(RolloutEngine):
         config_limit = int(getattr(text_config, "max_position_embeddings", 32768))
         self.max_context_len = min(max_context_len or config_limit, config_limit)
         self.prompts = PromptBuilder(self.processor, self.model, self.device, self.dtype)
-        self._eos_ids = self._collect_eos_ids()
+        self._eos_ids = collect_eos_ids(self.model, self.tokenizer)
         # transformers 5 renamed `past_key_values` to `cache`; accept both generations of the API.
         forward_params = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
@@ -127,10 +103,10 @@ class EmbeddedEngine(RolloutEngine):
         self._graph_decoder = self._checked_graph_decoder(decode_graphs)
 
         self._model_lock = threading.Lock()
-        self._queue: queue.Queue[_Pending] = queue.Queue()
-        self._waiting: deque[_Pending] = deque()
+        self._queue: queue.Queue[PendingRequest] = queue.Queue()
+        self._waiting: deque[PendingRequest] = deque()
         self._batch: DecodeBatch | SlotBatch | None = None
-        self._rows: list[_Row] = []
+        self._rows: list[SampleRow] = []
         self._row_tensors: tuple[Any, ...] | None = None  # per-row sampling settings of _rows
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._scheduler_loop, name="embedded-engine", daemon=True)
@@ -155,9 +131,10 @@ class EmbeddedEngine(RolloutEngine):
                 field_name, f"prompt has {prompt.length} tokens; context length is {self.max_context_len}"
             )
         future: concurrent.futures.Future[list[SampleOutput]] = concurrent.futures.Future()
-        pending = _Pending(request, prompt, future, [None] * request.sampling.n, request.sampling.n)
+        pending = PendingRequest(request, prompt, future, [None] * request.sampling.n, request.sampling.n)
         if request.sampling.max_new_tokens == 0:
-            future.set_result([self._empty_output(pending) for _ in range(request.sampling.n)])
+            n = request.sampling.n
+            future.set_result([empty_output(pending, self.tokenizer, self.weight_version) for _ in range(n)])
             return future
         self._queue.put(pending)
         return future
@@ -376,14 +353,16 @@ class EmbeddedEngine(RolloutEngine):
             return None
         return decoder if ok else None
 
-    def _prefill(self, pending: _Pending) -> tuple[Any, _Pending, list[_Row], tuple[list[int], list[float]]]:
+    def _prefill(
+        self, pending: PendingRequest
+    ) -> tuple[Any, PendingRequest, list[SampleRow], tuple[list[int], list[float]]]:
         """Run the prompt once (batch 1) and sample the first token of each of its n samples."""
         prompt, sampling = pending.prompt, pending.request.sampling
         cache, last_logits = self._prefill_forward(prompt)
         seed = sampling.seed if sampling.seed is not None else random.SystemRandom().getrandbits(62)
         budget = min(sampling.max_new_tokens, self.max_context_len - prompt.length)
         stop_ids = frozenset(sampling.stop_token_ids) | (frozenset() if sampling.ignore_eos else self._eos_ids)
-        rows = [_Row(pending, i, row_key(seed, i), budget, stop_ids) for i in range(sampling.n)]
+        rows = [SampleRow(pending, i, row_key(seed, i), budget, stop_ids) for i in range(sampling.n)]
         logits = last_logits.expand(sampling.n, -1)  # [n, V]: all samples share the prefix
         return cache, pending, rows, self._sample(logits, rows)
 
@@ -393,7 +372,7 @@ class EmbeddedEngine(RolloutEngine):
         self._record_tokens(tokens, start_row=0)
         self._compact()
 
-    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> tuple[list[int], list[float]]:
+    def _sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list[float]]:
         # Per-row settings change only when the batch's rows do: cache them for the decode steps.
         if rows is not self._rows or self._row_tensors is None:
             sampling = [row.pending.request.sampling for row in rows]
@@ -429,9 +408,9 @@ class EmbeddedEngine(RolloutEngine):
                 continue
             row.output_ids.append(token)
             row.logprobs.append(logprob)
-            reason = self._finish_reason(row, token)
+            reason = finish_reason(row, token, self.tokenizer)
             if reason is not None:
-                self._finish_row(row, reason)
+                finish_row(row, reason, self.tokenizer, self.weight_version)
                 finished.append(start_row + offset)
         assert self._batch is not None
         self._batch.set_last_tokens(tokens, start_row)
@@ -454,56 +433,6 @@ class EmbeddedEngine(RolloutEngine):
         assert self._batch is not None
         self._batch = self._batch.select(keep) if keep else None
 
-    def _finish_reason(self, row: _Row, token: int) -> dict[str, Any] | None:
-        if token in row.stop_ids:
-            return {"type": "stop", "matched": token}
-        sampling = row.pending.request.sampling
-        if sampling.stop:
-            # Decode only a tail window each step; confirm a hit on the full text (tails can split bytes).
-            window = max(len(s) for s in sampling.stop) + 2
-            tail = self.tokenizer.decode(row.output_ids[-window:], skip_special_tokens=sampling.skip_special_tokens)
-            if any(stop in tail for stop in sampling.stop):
-                text = self._decode(row.output_ids, sampling)
-                hit = find_stop_string(text, sampling.stop, 0)
-                if hit is not None:
-                    return {"type": "stop", "matched": hit[1]}
-        if len(row.output_ids) >= row.max_new_tokens:
-            return {"type": "length", "length": len(row.output_ids)}
-        return None
-
-    def _finish_row(self, row: _Row, reason: dict[str, Any]) -> None:
-        row.finished = True
-        pending = row.pending
-        pending.outputs[row.sample_index] = self._finished_output(pending, row.output_ids, row.logprobs, reason)
-        pending.rows_left -= 1
-        if pending.rows_left == 0 and not pending.future.done():
-            pending.future.set_result(list(pending.outputs))  # type: ignore[arg-type]
-
-    def _finished_output(
-        self, pending: _Pending, output_ids: list[int], logprobs: list[float], reason: dict[str, Any]
-    ) -> SampleOutput:
-        sampling = pending.request.sampling
-        text = self._decode(output_ids, sampling)
-        matched = reason.get("matched")
-        if isinstance(matched, str):
-            hit = find_stop_string(text, (matched,), 0)
-            if hit is not None:
-                text = text[: hit[0] + (len(matched) if sampling.no_stop_trim else 0)]
-        return SampleOutput(
-            text=text,
-            output_ids=list(output_ids),
-            output_logprobs=list(logprobs),
-            finish_reason=reason,
-            prompt_tokens=pending.prompt.length,
-            weight_version=self.weight_version,
-        )
-
-    def _empty_output(self, pending: _Pending) -> SampleOutput:
-        return self._finished_output(pending, [], [], {"type": "length", "length": 0})
-
-    def _decode(self, ids: list[int], sampling: SamplingParams) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=sampling.skip_special_tokens)
-
     def _fail_running(self, exc: Exception) -> None:
         for row in self._rows:
             if not row.pending.future.done():
@@ -512,22 +441,13 @@ class EmbeddedEngine(RolloutEngine):
         self._row_tensors = None
         self._batch = None
 
-    def _drain_all(self) -> list[_Pending]:
+    def _drain_all(self) -> list[PendingRequest]:
         drained = list(self._waiting) + [row.pending for row in self._rows]
         while True:
             try:
                 drained.append(self._queue.get_nowait())
             except queue.Empty:
                 return drained
-
-    def _collect_eos_ids(self) -> frozenset[int]:
-        ids: set[int] = set()
-        for source in (self.model.generation_config, self.model.config.get_text_config(), self.model.config):
-            eos = getattr(source, "eos_token_id", None)
-            ids.update([eos] if isinstance(eos, int) else (eos or []))
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return frozenset(ids)
 
 
 def _legacy_hf_name(name: str, params: dict[str, torch.Tensor]) -> str:
