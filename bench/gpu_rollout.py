@@ -163,42 +163,49 @@ def main() -> None:
         engine.shutdown()
         del engine
         free_memory()
+        report: dict[str, Any] = {
+            "benchmark": "embedded rollout engine vs transformers generate (sampled)",
+            "model": f"Qwen2.5-VL, {shape_name} text decoder{' (scaled)' if args.layers else ''}, random weights",
+            "shape": shape,
+            "dtype": str(dtype),
+            "device": args.device,
+            "gpu": torch.cuda.get_device_name(args.device) if on_gpu else None,
+            "setup_s": setup_s,
+            "case": case,
+            "engine_generated_tokens_per_s": case["engine_tokens_per_s"],
+            "hf_generate_generated_tokens_per_s": case["hf_generate_tokens_per_s"],
+            "engine_over_hf_generate": case["speedup"],
+            "engine_decode_path": default_path,
+            "decode_paths": rates,
+            "graph_decoder": stats.get("graphs"),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")  # the goal's figures are safe if what follows fails
         # The other decode path, alone: forced "on" off CUDA runs the static pool eagerly.
         other_path = "slab" if default_path == "graphs" else "graphs"
-        other = EmbeddedEngine(model_dir, decode_graphs="off" if other_path == "slab" else "on", **engine_args)
-        rates[other_path] = engine_rate(other, prompts, params, stop_ids, args.device, max(args.repeats, 1))
-        stats[other_path] = graph_stats(other)
-        other.shutdown()
-    report: dict[str, Any] = {
-        "benchmark": "embedded rollout engine vs transformers generate (sampled)",
-        "model": f"Qwen2.5-VL, {shape_name} text decoder{' (scaled)' if args.layers else ''}, random weights",
-        "shape": shape,
-        "dtype": str(dtype),
-        "device": args.device,
-        "gpu": torch.cuda.get_device_name(args.device) if on_gpu else None,
-        "setup_s": setup_s,
-        "case": case,
-        "engine_generated_tokens_per_s": case["engine_tokens_per_s"],
-        "hf_generate_generated_tokens_per_s": case["hf_generate_tokens_per_s"],
-        "engine_over_hf_generate": case["speedup"],
-        "engine_decode_path": default_path,
-        "engine_slab_generated_tokens_per_s": rates["slab"]["tokens_per_s"],
-        "engine_graphs_generated_tokens_per_s": rates["graphs"]["tokens_per_s"],
-        "engine_graphs_over_slab": rates["graphs"]["tokens_per_s"] / rates["slab"]["tokens_per_s"],
-        "decode_paths": rates,
-        "graph_decoder": stats["graphs"],
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            other = EmbeddedEngine(model_dir, decode_graphs="off" if other_path == "slab" else "on", **engine_args)
+            rates[other_path] = engine_rate(other, prompts, params, stop_ids, args.device, max(args.repeats, 1))
+            stats[other_path] = graph_stats(other)
+            other.shutdown()
+        except Exception as exc:  # noqa: BLE001 - report it; the default path's figures stand
+            report["other_path_error"] = f"{other_path}: {type(exc).__name__}: {exc}"
+            print(f"the {other_path} decode path failed: {exc}", file=sys.stderr)
+    if other_path in rates:
+        report["engine_slab_generated_tokens_per_s"] = rates["slab"]["tokens_per_s"]
+        report["engine_graphs_generated_tokens_per_s"] = rates["graphs"]["tokens_per_s"]
+        report["engine_graphs_over_slab"] = rates["graphs"]["tokens_per_s"] / rates["slab"]["tokens_per_s"]
+        report["graph_decoder"] = stats["graphs"]
     out.write_text(json.dumps(report, indent=2) + "\n")
+    slab, graphs = rates.get("slab", {}).get("tokens_per_s"), rates.get("graphs", {}).get("tokens_per_s")
     print(
         f"engine ({default_path}) {case['engine_tokens_per_s']:.0f} generated tok/s ({case['engine_tokens']} tokens), "
         f"HF generate {case['hf_generate_tokens_per_s']:.0f} tok/s ({case['hf_tokens']} tokens), "
         f"engine/HF {case['speedup']:.2f}x ({case['time_measure']}); setup {setup_s:.0f} s\n"
-        f"decode paths: slab {rates['slab']['tokens_per_s']:.0f} tok/s, graphs "
-        f"{rates['graphs']['tokens_per_s']:.0f} tok/s ({report['engine_graphs_over_slab']:.2f}x)"
+        f"decode paths: slab {slab} tok/s, graphs {graphs} tok/s"
     )
     print(f"wrote {out}")
 

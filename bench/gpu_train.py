@@ -204,29 +204,40 @@ def main() -> None:
     result = {"shape": args.shape, "seq": args.seq, "rows": args.rows, "real_tokens": real_tokens,
               "recompute": args.recompute, "dtype": str(dtype), "device": str(device),
               "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "stacks": {}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for key in wanted:
-        times, peak = every[key]()
-        step_s = statistics.median(times)
-        tps = real_tokens / step_s
-        result["stacks"][names[key]] = {"step_s": step_s, "tokens_per_s": tps, "model_tflops": tps * fpt / 1e12,
-                                        "mfu": tps * fpt / 1e12 / args.peak_tflops, "peak_gb": peak, "all_s": times}
-        print(f"{names[key]}: {tps:,.0f} tokens/s, peak {peak} GB", flush=True)
+        try:
+            times, peak = every[key]()
+        except Exception as exc:  # noqa: BLE001 - one failing stack (e.g. no Triton for compile) keeps the rest
+            result["stacks"][names[key]] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"{names[key]} failed: {exc}", file=sys.stderr, flush=True)
+        else:
+            step_s = statistics.median(times)
+            tps = real_tokens / step_s
+            result["stacks"][names[key]] = {"step_s": step_s, "tokens_per_s": tps, "model_tflops": tps * fpt / 1e12,
+                                            "mfu": tps * fpt / 1e12 / args.peak_tflops, "peak_gb": peak, "all_s": times}
+            print(f"{names[key]}: {tps:,.0f} tokens/s, peak {peak} GB", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    s = result["stacks"]
-    if "transformers_sdpa" in s:
-        base = s["transformers_sdpa"]
-        for name, stack in s.items():
-            if name != "transformers_sdpa":
-                stack["throughput_over_transformers"] = stack["tokens_per_s"] / base["tokens_per_s"]
-                if stack["peak_gb"] is not None:
-                    stack["peak_memory_over_transformers"] = stack["peak_gb"] / base["peak_gb"]
-        if "megatron_calibrl" in s:  # the key tools/gpu_smoke.sh and earlier results use
-            result["megatron_over_transformers_throughput"] = s["megatron_calibrl"]["throughput_over_transformers"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+        add_ratios(result)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")  # after every stack: a time limit keeps the rest
     print(json.dumps(result, indent=2))
     destroy_distributed()
+
+
+def add_ratios(result: dict) -> None:
+    """Each Megatron stack's throughput and peak memory over transformers' (when both ran)."""
+    stacks = {name: stack for name, stack in result["stacks"].items() if "error" not in stack}
+    base = stacks.get("transformers_sdpa")
+    if base is None:
+        return
+    for name, stack in stacks.items():
+        if name != "transformers_sdpa":
+            stack["throughput_over_transformers"] = stack["tokens_per_s"] / base["tokens_per_s"]
+            if stack["peak_gb"] is not None:
+                stack["peak_memory_over_transformers"] = stack["peak_gb"] / base["peak_gb"]
+    if "megatron_calibrl" in stacks:  # the key tools/gpu_smoke.sh and earlier results use
+        result["megatron_over_transformers_throughput"] = stacks["megatron_calibrl"]["throughput_over_transformers"]
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@
 #      (4096 tokens x vocab 151936, bf16: time and peak memory)
 #   part rollout:
 #   5. bench/gpu_rollout.py: embedded engine (CUDA-graph decode and the slab path) vs transformers
-#      generate (same 3B decoder, 64 prompts x 512 tokens, 256 new, sampled)               -> gpu_rollout.json 200 s
+#      generate (same 3B decoder, 64 prompts x 512 tokens, 256 new, sampled)               -> gpu_rollout.json 240 s
 #   6. a few trainer steps of the tiny demo config on the GPU (nccl, bf16; embedded rollout server on
 #      the GPU), loss and rollout/trainer log-prob mismatch                                 -> trainer_metrics.jsonl 120 s
 #   7. the 7B decoder shape with full recompute, eager vs transformers                      -> gpu_train_7b.json 150 s
@@ -65,11 +65,11 @@ if [ "$SHAPE" = tiny ]; then BIG=tiny; ROLLOUT_ARGS=(--device "$SERVER_DEVICE");
 
 if [ "$PART" = train ] || [ "$PART" = all ]; then
   timeout 240 python3 bench/gpu_train.py --shape "$SHAPE" --seq "$SEQ" --steps 3 --warmup 2 \
-    --stacks eager,compiled,transformers --out "$OUT/gpu_train.json" > "$OUT/gpu_train.log" 2>&1
+    --stacks transformers,eager,compiled --out "$OUT/gpu_train.json" > "$OUT/gpu_train.log" 2>&1
   status gpu_train $?
   grep "tokens/s" "$OUT/gpu_train.log"
   timeout 150 python3 bench/gpu_train.py --shape "$SHAPE" --seq "$SEQ" --rows 8 --steps 3 --warmup 1 \
-    --stacks eager,packed,transformers --out "$OUT/gpu_train_rows.json" > "$OUT/gpu_train_rows.log" 2>&1
+    --stacks transformers,eager,packed --out "$OUT/gpu_train_rows.json" > "$OUT/gpu_train_rows.log" 2>&1
   status gpu_train_rows $?
   grep "tokens/s" "$OUT/gpu_train_rows.log"
   # packed attention: torch varlen flash (CUDA, bf16) vs one SDPA per segment, outputs and grads
@@ -107,7 +107,7 @@ PY
 fi
 
 if [ "$PART" = rollout ] || [ "$PART" = all ]; then
-  timeout 200 python3 bench/gpu_rollout.py "${ROLLOUT_ARGS[@]}" --out "$OUT/gpu_rollout.json" \
+  timeout 240 python3 bench/gpu_rollout.py "${ROLLOUT_ARGS[@]}" --out "$OUT/gpu_rollout.json" \
     > "$OUT/gpu_rollout.log" 2>&1; status gpu_rollout $?
   tail -2 "$OUT/gpu_rollout.log"
 
@@ -123,7 +123,7 @@ if [ "$PART" = rollout ] || [ "$PART" = all ]; then
   tail -3 "$OUT/trainer.log"
 
   timeout 150 python3 bench/gpu_train.py --shape "$BIG" --seq "$SEQ" --recompute --steps 2 --warmup 1 \
-    --stacks eager,transformers --out "$OUT/gpu_train_7b.json" > "$OUT/gpu_train_7b.log" 2>&1
+    --stacks transformers,eager --out "$OUT/gpu_train_7b.json" > "$OUT/gpu_train_7b.log" 2>&1
   status gpu_train_7b $?
   grep "tokens/s" "$OUT/gpu_train_7b.log"
 fi
@@ -137,7 +137,7 @@ for name in ("gpu_train", "gpu_train_rows", "gpu_train_7b"):
     if (out / f"{name}.json").exists():
         g = json.loads((out / f"{name}.json").read_text())
         summary[name] = {k: {m: v.get(m) for m in ("tokens_per_s", "mfu", "peak_gb", "throughput_over_transformers",
-                                                   "peak_memory_over_transformers")}
+                                                   "peak_memory_over_transformers", "error") if m in v}
                          for k, v in g["stacks"].items()}
 if (out / "varlen.json").exists() and (out / "varlen.json").read_text().strip():
     summary["varlen"] = json.loads((out / "varlen.json").read_text())
@@ -146,7 +146,7 @@ if (out / "gpu_rollout.json").exists():
     summary["gpu_rollout"] = {k: r.get(k) for k in (
         "engine_generated_tokens_per_s", "hf_generate_generated_tokens_per_s", "engine_over_hf_generate",
         "engine_decode_path", "engine_slab_generated_tokens_per_s", "engine_graphs_generated_tokens_per_s",
-        "engine_graphs_over_slab")}
+        "engine_graphs_over_slab", "other_path_error") if k in r}
 if (out / "logprob.json").exists():
     lp = json.loads((out / "logprob.json").read_text())
     summary["logprob"] = {"shape": lp["shape"], "best_chunk": lp["best_chunk"], **lp["best_chunk_vs_unfused"],
