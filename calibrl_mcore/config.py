@@ -280,6 +280,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.recompute": ("none", "selective", "full"),
     "data.image_backend": ("processor", "pil", "dali", "auto"),
     "rollout.engine": ("embedded", "sglang", "vllm"),
+    "rollout.decode_graphs": ("auto", "on", "off"),
     "algo.name": ("grpo", "dapo", "luffy", "rlplus", "calibrl"),
     "algo.alpha_schedule": ("constant", "linear", "cosine", "pass_rate"),
     "algo.lam_schedule": ("constant", "linear", "cosine", "entropy"),
@@ -363,8 +364,18 @@ def load_config(
             msg = exc.msg if hasattr(exc, "msg") else exc
             raise ConfigError(f"config error{where} at key {key!r}: {msg}") from exc
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    for key, (word_true, word_false) in _BOOLEAN_WORDS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value in ("True", "False"):
+            setattr(getattr(cfg, section), name, word_true if value == "True" else word_false)
     _validate(cfg)
     return cfg
+
+
+# String choices that YAML 1.1 reads as booleans (`on` / `off`, in files and in key=value overrides alike):
+# OmegaConf stores them in the str field as "True" / "False", mapped back here.
+_BOOLEAN_WORDS = {"rollout.decode_graphs": ("on", "off")}
 
 
 def to_yaml(cfg: Config) -> str:

@@ -64,8 +64,6 @@ def start_rollout_server(cfg, model_path: str | Path, run_dir: Path) -> External
     """Start the server a trainer colocates with itself (`rollout.engine`: embedded | sglang | vllm)."""
     log_path = Path(run_dir) / "rollout_server.log"
     if cfg.engine == "embedded":
-        if cfg.decode_graphs not in ("auto", "on", "off"):
-            raise ValueError(f"rollout.decode_graphs={cfg.decode_graphs!r} is not one of auto, on, off")
         return EmbeddedServerProcess(model_path, api_key=cfg.api_key, log_path=log_path,
                                      extra_args=["--device", cfg.server_device, "--dtype", cfg.server_dtype,
                                                  "--decode-graphs", cfg.decode_graphs]).start()

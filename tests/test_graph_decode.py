@@ -240,5 +240,12 @@ def test_server_flag_and_config_pass_through(monkeypatch, tmp_path):
     monkeypatch.setattr(launcher.EmbeddedServerProcess, "start", lambda self: self)
     server = launcher.start_rollout_server(RolloutConfig(decode_graphs="on"), "m", tmp_path)
     assert server.command()[-2:] == ["--decode-graphs", "on"]
-    with pytest.raises(ValueError, match="rollout.decode_graphs='yes'"):
-        launcher.start_rollout_server(RolloutConfig(decode_graphs="yes"), "m", tmp_path)
+    from calibrl_mcore.config import ConfigError, load_config
+
+    # YAML reads on/off as booleans: the config maps them back (overrides and files alike)
+    assert load_config(None, ["rollout.decode_graphs=on"]).rollout.decode_graphs == "on"
+    assert load_config(None, ["rollout.decode_graphs=off"]).rollout.decode_graphs == "off"
+    (tmp_path / "c.yaml").write_text("rollout:\n  decode_graphs: off\n")
+    assert load_config(tmp_path / "c.yaml").rollout.decode_graphs == "off"
+    with pytest.raises(ConfigError, match="rollout.decode_graphs='slow' is not one of"):
+        load_config(None, ["rollout.decode_graphs=slow"])
