@@ -364,18 +364,19 @@ def load_config(
             msg = exc.msg if hasattr(exc, "msg") else exc
             raise ConfigError(f"config error{where} at key {key!r}: {msg}") from exc
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    for key, (word_true, word_false) in _BOOLEAN_WORDS.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value in ("True", "False"):
-            setattr(getattr(cfg, section), name, word_true if value == "True" else word_false)
+    _restore_on_off(cfg)
     _validate(cfg)
     return cfg
 
 
-# String choices that YAML 1.1 reads as booleans (`on` / `off`, in files and in key=value overrides alike):
-# OmegaConf stores them in the str field as "True" / "False", mapped back here.
-_BOOLEAN_WORDS = {"rollout.decode_graphs": ("on", "off")}
+def _restore_on_off(cfg: Config) -> None:
+    """YAML 1.1 reads `on` / `off` as booleans (in files and in key=value overrides alike), which a str field
+    stores as "True" / "False": map them back for the choice fields that offer on and off."""
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value in ("True", "False") and {"on", "off"} <= set(choices):
+            setattr(getattr(cfg, section), name, "on" if value == "True" else "off")
 
 
 def to_yaml(cfg: Config) -> str:

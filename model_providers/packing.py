@@ -58,7 +58,7 @@ class PackedLayout:
         if not lengths or min(lengths) < 1 or max(lengths) > seq_len:
             raise ValueError(f"seq_lengths {lengths} must be in 1..{seq_len} (the micro-batch's padded length)")
         real = sum(lengths)
-        total = -(-real // pad_multiple) * pad_multiple
+        total = packed_length(real, pad_multiple)
         segments = lengths + ([total - real] if total > real else [])
         cu = torch.zeros(len(segments) + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(segments, dtype=torch.int32).cumsum(0)
@@ -112,6 +112,21 @@ class PackedLayout:
             max_seqlen_q=self.max_seqlen,
             max_seqlen_kv=self.max_seqlen,
         )
+
+
+def packed_length(real_tokens: int, pad_multiple: int = 1) -> int:
+    """T: the packed sequence's length, real tokens plus the tail up to a multiple of `pad_multiple`."""
+    return -(-real_tokens // pad_multiple) * pad_multiple
+
+
+def check_packing_supported(backend: str, cp_size: int) -> None:
+    """Packed sequences need a THD attention (sdpa or te spec) and no context parallelism (module docstring)."""
+    if backend == "local":
+        raise ValueError("packed sequences need the 'sdpa' or 'te' spec (model.spec; the local attention has "
+                         "no THD path)")
+    if cp_size > 1:
+        raise NotImplementedError(f"packed sequences (model.packed_sequences) do not combine with context "
+                                  f"parallelism (context_parallel_size={cp_size})")
 
 
 def segment_bounds(packed_seq_params: PackedSeqParams) -> list[int]:

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .context_parallel import split_for_cp
 from .hf_mapping import tp_padded
-from .packing import PackedLayout
+from .packing import PackedLayout, check_packing_supported
 from .specs import Backend, SpecChoice, backend_config_kwargs, block_spec, resolve_backend
 
 RopeKind = Literal["rope", "mrope"]
@@ -282,10 +282,8 @@ class VisionLanguageModel(MegatronModule):
         into one [T] sequence; inputs and outputs keep their [b, s] shapes (zeros at padding), and the
         hidden states between pipeline stages are the packed [T, 1, h].
         """
-        if packed is not None and self.config.context_parallel_size > 1:
-            raise NotImplementedError("packed sequences with context parallelism are not supported")
-        if packed is not None and self.backend == "local":
-            raise ValueError("packed sequences need the 'sdpa' or 'te' spec (the local attention has no THD path)")
+        if packed is not None:
+            check_packing_supported(self.backend, self.config.context_parallel_size)
         position_ids = self.rope_positions(position_ids, input_ids)
         decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, packed) if self.pre_process else None
         packed_seq_params = None
@@ -402,7 +400,7 @@ def build_stage(
     'full' (every layer's activations, recomputed one layer at a time in backward).
     `fp8`, `fp8_bf16_layers`: see `apply_fp8` (Transformer Engine only).
     `packed_sequences`: the model will get packed micro-batches (`forward(packed=...)`): spec 'auto' then
-    picks sdpa rather than local on CPU.
+    picks sdpa rather than local on CPU, and a layout that cannot run them is refused here.
     `compile_layers`: `torch.compile` every decoder layer (`compile_decoder_layers`).
 
     Needs Megatron's parallel_state (`init_distributed`). `spec`: 'local' (Megatron's PyTorch modules,
@@ -422,6 +420,8 @@ def build_stage(
     )
     apply_recompute(config, recompute)
     apply_fp8(config, fp8, fp8_bf16_layers, backend)
+    if packed_sequences:
+        check_packing_supported(backend, cp_size)
     model = model_cls(
         hf_config,
         config,

@@ -187,3 +187,10 @@ def test_packing_refused_where_unsupported(megatron_world, tiny_checkpoints):
     layout = PackedLayout.from_lengths(torch.tensor([6, 4]), 6)
     with pytest.raises(ValueError, match="packed sequences need the 'sdpa' or 'te' spec"):
         model(ids, torch.arange(6).expand_as(ids), None, packed=layout)
+    # ... and already when the model is built for packed micro-batches (the trainer's model.packed_sequences)
+    from transformers import AutoConfig
+
+    from model_providers.registry import build_model
+
+    with pytest.raises(ValueError, match="packed sequences need the 'sdpa' or 'te' spec"):
+        build_model(AutoConfig.from_pretrained(tiny_checkpoints["internvl"]), spec="local", packed_sequences=True)

@@ -16,6 +16,7 @@ import torch
 
 from calibrl_mcore.trainer.policy import MicroBatch
 from model_providers.context_parallel import cp_pad_multiple
+from model_providers.packing import packed_length
 
 
 @dataclass
@@ -141,7 +142,7 @@ def padding_fraction(micro_batches: Sequence[MicroBatch], packed_multiple: int =
     (`packed_multiple` > 0, model_providers/packing.py) the real tokens rounded up to that multiple."""
     real = sum(int(mb.seq_lengths.sum()) for mb in micro_batches)
     if packed_multiple:
-        slots = sum(-(-int(mb.seq_lengths.sum()) // packed_multiple) * packed_multiple for mb in micro_batches)
+        slots = sum(packed_length(int(mb.seq_lengths.sum()), packed_multiple) for mb in micro_batches)
     else:
         slots = sum(mb.input_ids.numel() for mb in micro_batches)
     return max(0.0, 1.0 - real / max(slots, 1))

@@ -32,7 +32,7 @@ from calibrl_mcore.data.dataset import PromptDataset, PromptSampler
 from calibrl_mcore.parallel import ParallelConfig, destroy_distributed, init_distributed
 from calibrl_mcore.trainer.batch import Row, collate, micro_batch_chunks, padding_fraction
 from calibrl_mcore.trainer.checkpoint import CheckpointManager
-from calibrl_mcore.trainer.dynamic_sampling import flat_groups, refill_informative_groups
+from calibrl_mcore.trainer.dynamic_sampling import refill_informative_groups
 from calibrl_mcore.trainer.metrics import MetricsLogger, from_last_stage, mean_of, reduce_shares
 from calibrl_mcore.trainer.objective import logprob_fn, rl_loss_fn
 from calibrl_mcore.trainer.policy import MegatronPolicy, MicroBatch
@@ -219,15 +219,12 @@ class Trainer:
     def local_rows(self, rows: Sequence[Row], dp_rank: int | None = None) -> list[int]:
         """A DP rank's share of the trained rows: round-robin over the step's rows (groups straddle).
 
-        With dynamic sampling (DAPO), groups whose on-policy rewards all agree carry no signal and are
-        left out (`rollout` refills the step with other groups; these are what is left when its rounds ran out).
+        With dynamic sampling (DAPO) `rollout` has already dropped the groups whose on-policy rewards all agree.
         """
         dp = parallel_state.get_data_parallel_world_size()
         rank = parallel_state.get_data_parallel_rank() if dp_rank is None else dp_rank
         algo = self.cfg.algo
-        flat = flat_groups(rows) if algo.dynamic_sampling or algo.name == "dapo" else set()
-        trained = [i for i, r in enumerate(rows)
-                   if (not r.is_expert or algo.name in TRAINS_EXPERT_ROWS) and r.group_id not in flat]
+        trained = [i for i, r in enumerate(rows) if not r.is_expert or algo.name in TRAINS_EXPERT_ROWS]
         return trained[rank::dp]
 
     def advantages(self, rows: Sequence[Row], local: list[int]) -> dict[int, tuple[float, bool]]:
@@ -355,7 +352,7 @@ class Trainer:
             metrics.update(reduce_shares(shares, prefix="train/"))
             tokens = sum(int(mb.seq_lengths.sum()) for mb in mbs)
             metrics["train/tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
-            packed = self.policy.packed_multiple if self.policy.packed_sequences else 0
+            packed = self.policy.pad_multiple if self.policy.packed_sequences else 0
             metrics["train/padding_frac"] = padding_fraction(mbs, packed)
             metrics["train/micro_batches"] = len(mbs)  # this rank's, last mini-batch
         else:

@@ -144,16 +144,11 @@ class MegatronPolicy:
             model.cuda(device)
         self.device = device or torch.device("cpu")
         # Micro-batch lengths must split into 2·CP chunks (context parallelism), each a multiple of TP
-        # under sequence parallelism.
+        # under sequence parallelism; packed micro-batches (no CP: build_model refuses it) round their packed
+        # length up to the same multiple.
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.pad_multiple = cp_pad_multiple() * (tp if sequence_parallel else 1)
-        # Packed micro-batches (model_providers/packing.py): the packed length is a multiple of TP under SP.
         self.packed_sequences = model_cfg.packed_sequences
-        if self.packed_sequences and model.backend == "local":
-            raise ValueError("model.packed_sequences=true needs model.spec auto, sdpa or te, not local")
-        if self.packed_sequences and cp_size_rank()[0] > 1:
-            raise ValueError("model.packed_sequences=true does not combine with parallel.context_parallel_size > 1")
-        self.packed_multiple = tp if sequence_parallel else 1
         self.distributed_optimizer = bool(optim_cfg and optim_cfg.distributed_optimizer)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
@@ -242,7 +237,7 @@ class MegatronPolicy:
             packed = None
             if self.packed_sequences:
                 packed = PackedLayout.from_lengths(
-                    mb.seq_lengths, mb.input_ids.shape[1], pad_multiple=self.packed_multiple, device=device
+                    mb.seq_lengths, mb.input_ids.shape[1], pad_multiple=self.pad_multiple, device=device
                 )
             output = model(
                 mb.input_ids.to(device),
