@@ -42,7 +42,7 @@ def _flat(seqs: Sequence[Sequence[int | float]], dtype: Any) -> tuple[np.ndarray
     """[n] sequences -> (values [sum len], offsets [n + 1])."""
     offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
     np.cumsum([len(s) for s in seqs], out=offsets[1:])
-    values = np.fromiter((v for s in seqs for v in s), dtype=dtype, count=int(offsets[-1]))
+    values = np.concatenate([np.asarray(s, dtype=dtype) for s in seqs]) if seqs else np.zeros(0, dtype)
     return values, offsets
 
 
