@@ -43,10 +43,10 @@ PAPER = {"prompts": 480, "samples": 10, "experts": 1, "prompt_tokens": 20480, "r
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--samples", type=int, default=4, help="rollouts per prompt (+ 1 expert row)")
     p.add_argument("--image", type=int, default=448, help="image side in pixels (one image per prompt)")
-    p.add_argument("--response", type=int, default=256, help="response tokens per row")
+    p.add_argument("--response", type=int, default=512, help="response tokens per row (at most)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--paper-dp", default="8,16,32,64,128,256")
     p.add_argument("--paper-scale", type=float, default=1.0, help="fraction of the paper's prompts (tests)")
@@ -157,15 +157,15 @@ def worker(args: argparse.Namespace) -> None:
                     t_prep = time.perf_counter() - t0
                     plan = assign_rows(rows, dp, 1, trains_expert=False) if rank0 else None
                     local, metrics = plane.exchange(rows, plan)
-                    rec = {"bytes": local.wire_bytes, "encode_s": local.encode_s,
-                           "dispatch_s": metrics.get("data/dispatch_s", 0.0), "rows": len(local.rows)}
+                    rec = {"bytes": local.wire_bytes, "encode_s": local.encode_s, "rows": len(local.rows),
+                           "dispatch_s": metrics.get("data/dispatch_s", 0.0), "pack_s": metrics.get("data/pack_s", 0.0)}
                 else:
                     payload = [build_rows(enc, args, with_pixels=True) if rank0 else None]
                     t_prep = time.perf_counter() - t0
                     t_send = time.perf_counter()
                     dist.broadcast_object_list(payload, src=0)  # pickles on rank 0, unpickles everywhere
                     rec = {"encode_s": t_prep if rank0 else 0.0, "dispatch_s": time.perf_counter() - t_send,
-                           "rows": len(payload[0])}
+                           "rows": len(payload[0]), "pack_s": 0.0}
                 rec["prepare_s"] = t_prep if rank0 else 0.0
                 rec["wall_s"] = time.perf_counter() - t0
                 if path == "broadcast":  # what broadcast_object_list moved to every rank (outside the timing)
@@ -198,6 +198,7 @@ def write_measured(args: argparse.Namespace, layouts: dict) -> None:
                 "bytes_per_rank": [_median(r, "bytes") for r in ranks],
                 "encode_s_per_rank": [_median(r, "encode_s") for r in ranks],
                 "rank0_dispatch_s": _median(ranks[0], "dispatch_s"),
+                "rank0_pack_s": _median(ranks[0], "pack_s"),
                 "rank0_prepare_s": _median(ranks[0], "prepare_s"),
                 "wall_s_per_rank": [_median(r, "wall_s") for r in ranks],
                 "rows_per_rank": [r[0]["rows"] for r in ranks],
@@ -209,6 +210,7 @@ def write_measured(args: argparse.Namespace, layouts: dict) -> None:
         "bytes_per_rank_dp2_over_dp1": round(max(s["dp2"]["bytes_per_rank"]) / max(s["dp1"]["bytes_per_rank"]), 4),
         "bytes_per_rank_dp4_over_dp1": round(max(s["dp4"]["bytes_per_rank"]) / max(s["dp1"]["bytes_per_rank"]), 4),
         "dispatch_s_dp4_over_dp1": round(s["dp4"]["rank0_dispatch_s"] / max(s["dp1"]["rank0_dispatch_s"], 1e-9), 3),
+        "pack_s_dp4_over_dp1": round(s["dp4"]["rank0_pack_s"] / max(s["dp1"]["rank0_pack_s"], 1e-9), 3),
         "broadcast_bytes_per_rank_over_sharded_dp4": round(max(b["dp4"]["bytes_per_rank"])
                                                            / max(s["dp4"]["bytes_per_rank"]), 1),
         "rank0_wall_broadcast_over_sharded_dp4": round(b["dp4"]["wall_s_per_rank"][0]
@@ -226,7 +228,7 @@ def paper_estimate(args: argparse.Namespace) -> dict:
     from calibrl_mcore.data.image_spec import ImageSpec, plan_resize
     from calibrl_mcore.trainer.batch import Row
     from calibrl_mcore.trainer.row_plan import assign_rows
-    from calibrl_mcore.trainer.shard_codec import pack_shard
+    from calibrl_mcore.trainer.shard_codec import pack_shard, unpack_shard
 
     prompts = max(int(PAPER["prompts"] * args.paper_scale), 1)
     p_len, r_len, side = PAPER["prompt_tokens"], PAPER["response_tokens"], PAPER["image_px"]
@@ -254,11 +256,17 @@ def paper_estimate(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         plan_dp = assign_rows(rows, dp, PAPER["mini_batches"], trains_expert=False)
         t_plan = time.perf_counter() - t0
-        sizes = [len(pack_shard(rows, plan_dp.rows_of(r), {})) for r in range(dp)]
+        shards = [pack_shard(rows, plan_dp.rows_of(r), {}) for r in range(dp)]
         pack_s = time.perf_counter() - t0 - t_plan
+        sizes = [len(b) for b in shards]
+        t1 = time.perf_counter()
+        unpack_shard(shards[0])
+        unpack_s = time.perf_counter() - t1
+        del shards
         out["by_dp"][dp] = {"bytes_per_rank_max": max(sizes), "bytes_per_rank_min": min(sizes),
                             "bytes_total": sum(sizes), "rank0_plan_s": round(t_plan, 3),
                             "rank0_pack_s": round(pack_s, 3), "pack_gbps": round(sum(sizes) / pack_s / 1e9, 4),
+                            "unpack_s_rank0": round(unpack_s, 3), "unpack_gbps": round(sizes[0] / unpack_s / 1e9, 4),
                             "split_groups": plan_dp.split_groups}
     return out
 

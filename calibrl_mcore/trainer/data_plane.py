@@ -120,10 +120,11 @@ class DataPlane:
     def _send(self, shards: list[bytes]) -> None:
         """Driver: shard r to replica r's leader (sizes first, so receivers allocate exactly)."""
         sizes = [torch.tensor([len(s)], dtype=torch.int64, device=self.device) for s in shards]
+        payloads = [self._as_tensor(s) for s in shards[1:]]  # alive until every send has completed
         works = []
         for r in range(1, self.dp):
             works.append(dist.isend(sizes[r], dst=self.leaders[r]))
-            works.append(dist.isend(self._as_tensor(shards[r]), dst=self.leaders[r]))
+            works.append(dist.isend(payloads[r - 1], dst=self.leaders[r]))
         for w in works:
             w.wait()
 
@@ -153,11 +154,12 @@ class DataPlane:
     def exchange(self, rows: Sequence[Row] | None, plan: RowPlan | None) -> tuple[LocalRows, dict[str, float]]:
         """Every rank calls this once per step; the driver (global rank 0) passes the step's rows and plan.
         Returns this rank's rows and the data metrics (cross-rank max / min: the same on every rank)."""
-        dispatch_s = 0.0
+        dispatch_s = pack_s = 0.0
         data: bytes | None = None
         if dist.get_rank() == 0:
             t0 = time.perf_counter()
             shards = [self._pack(rows, plan, r) for r in range(self.dp)]
+            pack_s = time.perf_counter() - t0
             self._send(shards)
             dispatch_s = time.perf_counter() - t0
             data = shards[0]
@@ -177,7 +179,8 @@ class DataPlane:
                           wire_bytes=len(data), encode_s=encode_s)
         metrics = self._reduce_metrics(len(data), encode_s)
         if plan is not None:
-            metrics.update({"data/dispatch_s": dispatch_s, "data/split_groups": float(plan.split_groups),
+            metrics.update({"data/dispatch_s": dispatch_s, "data/pack_s": pack_s,
+                            "data/split_groups": float(plan.split_groups),
                             "data/token_imbalance": plan.token_imbalance})
         return local, metrics
 
