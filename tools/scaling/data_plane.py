@@ -29,7 +29,7 @@ GiB = 1024**3
 @dataclass(frozen=True)
 class DataPlaneAssumptions:
     pack_gbps: float = 0.05  # driver's pack_shard throughput, GB/s of wire bytes (bench: 0.02–0.07 on a loaded CPU)
-    unpack_gbps: float = 0.05  # unpack_shard throughput (to Python lists), GB/s (bench, same machine)
+    unpack_gbps: float = 0.03  # unpack_shard throughput (to Python lists), GB/s (bench: 0.02–0.2, same machine)
     encode_mpix_per_s: float = 10.0  # HF processor path (decode, resize, normalise, patchify) per rank; the bench
     # measured ~3 Mpx/s per rank with 4 ranks sharing 2 cores at load ~12, so one free core does several times that
     image_ref_bytes: float = 128.0  # one image on the wire: its path (parquet-embedded bytes: ~1e5)
