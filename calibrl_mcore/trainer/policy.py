@@ -40,6 +40,7 @@ from calibrl_mcore.parallel.fused import log_fused_backends
 from model_providers.context_parallel import cp_pad_multiple, cp_size_rank, split_for_cp
 from model_providers.hf_mapping import Placement, gather_megatron_to_hf, get_mapping, load_hf_weights
 from model_providers.packing import PackedLayout
+from model_providers.pipeline_split import EVEN, PipelineSplit
 from model_providers.registry import build_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -117,6 +118,7 @@ class MegatronPolicy:
         *,
         total_steps: int = 1,
         sequence_parallel: bool = False,
+        pipeline_split: PipelineSplit = EVEN,
     ) -> None:
         self.hf_config = read_hf_config(model_cfg.hf_path)
         self.arch = self.hf_config.model_type
@@ -133,6 +135,7 @@ class MegatronPolicy:
             sequence_parallel=sequence_parallel,
             packed_sequences=model_cfg.packed_sequences,
             compile_layers=model_cfg.compile,
+            pipeline_split=pipeline_split,
         )
         self.mapping = get_mapping(self.arch, self.hf_config, model.backend)
         self.placement = Placement.from_parallel_state(model.config)
