@@ -19,6 +19,7 @@ exactly the single-process gradient.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,6 +45,7 @@ from model_providers.pipeline_split import EVEN, PipelineSplit
 from model_providers.registry import build_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -167,6 +169,10 @@ class MegatronPolicy:
             self._build_optimizer(optim_cfg, total_steps)
         if torch.distributed.get_rank() == 0:
             log_fused_backends(spec_backend=model.backend)  # which Adam / norm kernels run, and why
+            pp = parallel_state.get_pipeline_model_parallel_world_size()
+            if pp > 1:
+                log.info("decoder layers per pipeline stage: %s",
+                         pipeline_split.describe(self.hf_config.text_config.num_hidden_layers, pp))
 
     # -- optimizer -----------------------------------------------------------------------------------------
 
