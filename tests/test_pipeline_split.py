@@ -122,3 +122,64 @@ def test_config_keys() -> None:
     with pytest.raises(ConfigError, match="parallel.num_layers_in_first_pipeline_stage is set but "
                                           "parallel.pipeline_model_parallel_size=1"):
         load_config(overrides=["parallel.num_layers_in_first_pipeline_stage=2"])
+
+
+# ---- the scaling planner's choice (tools/scaling/pipeline_stages.py) --------------------------------------
+
+
+def test_pipelined_time_by_hand() -> None:
+    from tools.scaling.pipeline_stages import StageCost, pipelined_s
+
+    cost = StageCost(per_layer=1.0, first=3.0, last=2.0)
+    assert cost.stages([4, 5, 5, 4]) == [7.0, 5.0, 5.0, 6.0] and cost.stages([3]) == [8.0]
+    # 1F1B over m micro-batches: (sum + (m - 1) * max) / m; equal stages: (m + p - 1) / m of one stage
+    assert pipelined_s([7.0, 5.0, 5.0, 6.0], 10) == pytest.approx((23 + 9 * 7) / 10)
+    assert pipelined_s([2.0] * 4, 8) == pytest.approx(2.0 * (8 + 4 - 1) / 8)
+
+
+def test_planner_moves_layers_off_the_vision_stage() -> None:
+    """Qwen2.5-VL-7B (28 layers) at TP4 x PP4 x DP4: stage 0 also runs the ViT, so the planner gives it fewer
+    decoder layers; its slowest stage and its training step get faster, its worst-stage memory no larger."""
+    from dataclasses import replace
+
+    from calibrl_mcore.config import load_config
+    from tools.scaling import planner as P
+    from tools.scaling.models import MODELS
+
+    model, hw, a = MODELS["qwen2_5_vl_7b"], P.HARDWARE["h100-80gb"], P.Assumptions()
+    w = P.Workload.from_config(load_config("configs/qwen2_5_vl_7b.yaml"))
+    even = P.Layout(tp=4, pp=4, dp=4, distributed_optimizer=True, sequence_parallel=True)
+    split = P.split_for(model, w, even, hw, a)
+    layers = split.stage_layers(28, 4)
+    assert layers[0] < 7 and layers[1] == layers[2] > 7, layers
+    uneven = replace(even, split=split)
+    cost, _ = P.stage_compute(model, w, even, hw, a, backward=True)
+    assert max(cost.stages(layers)) < max(cost.stages([7] * 4))
+    assert P.pass_s(model, w, uneven, hw, a, backward=True) < P.pass_s(model, w, even, hw, a, backward=True)
+    assert sum(P.training_memory(model, w, uneven, a).values()) <= sum(P.training_memory(model, w, even, a).values())
+    # a text-only decoder: only the LM head tilts the compute balance, towards fewer layers on the last stage;
+    # stage 0's two in-flight micro-batches (1F1B) make that cost memory, which the planner does not spend
+    from tools.scaling.pipeline_stages import choose_split
+
+    llama, pp2 = MODELS["llama3_1_8b"], replace(even, pp=2)
+    cost, _ = P.stage_compute(llama, w, pp2, hw, a, backward=True)
+    assert choose_split(32, 2, cost, lambda split: 0.0).stage_layers(32, 2)[0] > 16
+    assert P.split_for(llama, w, pp2, hw, a) == PipelineSplit()
+
+
+def test_planner_says_what_uneven_stages_gained(capsys) -> None:
+    from calibrl_mcore.config import load_config
+    from tools.scaling import planner as P
+    from tools.scaling.models import MODELS
+
+    model, hw = MODELS["qwen2_5_vl_7b"], P.HARDWARE["h100-80gb"]
+    w = P.Workload.from_config(load_config("configs/qwen2_5_vl_7b.yaml"))
+    best, even = P.rank_layouts(model, 16, hw, w)[0][0], P.rank_layouts(model, 16, hw, w, uneven=False)[0]
+    assert all(not p.layout.split.uneven and 28 % p.layout.pp == 0 for p in even)
+    assert best.layout.split.uneven and best.step_s < even[0].step_s
+    assert best.layout_name.endswith(f"[{'+'.join(map(str, best.stages))}]")
+    assert P.main(["--model", "qwen2_5_vl_7b", "--gpus", "16", "--top", "1"]) == 0
+    out = capsys.readouterr().out
+    gain = even[0].step_s - best.step_s
+    assert f"uneven stages: {best.layout_name} {best.step_s:.0f} s vs {even[0].step_s:.0f} s" in out
+    assert f"-{gain:.1f} s per step (-{100 * gain / even[0].step_s:.1f} %)" in out
