@@ -2,7 +2,7 @@
 
 Checked against `megatron/core/transformer/transformer_config.py` (`TransformerConfig.__post_init__`, "Uneven
 PP"), `transformer_block.get_num_layers_to_build` and `transformer_layer.get_transformer_layer_offset` of the
-pinned megatron-core 0.16.1, called with an explicit `pp_rank`: for every split of 1..9 layers over PP 1..4,
+pinned megatron-core 0.16.1, called with an explicit `pp_rank`: for every split of 1..7 layers over PP 1..4,
 either both accept it with the same per-stage counts and offsets, or ours refuses it with a message naming
 the setting (ours is stricter: Megatron accepts a middle stage with <= 0 layers, a set split at PP = 1, and
 leaves PP not dividing the layers to an assert at build time).
@@ -43,7 +43,7 @@ def _megatron_layers(num_layers: int, pp: int, split: PipelineSplit) -> tuple[li
 
 def test_stage_layers_match_megatron() -> None:
     checked = refused_by_both = stricter = 0
-    for num_layers, pp in itertools.product(range(1, 10), range(1, 5)):
+    for num_layers, pp in itertools.product(range(1, 8), range(1, 5)):
         for first, last in itertools.product([None, *range(1, num_layers + 2)], repeat=2):
             split = PipelineSplit(first, last)
             theirs = _megatron_layers(num_layers, pp, split)
@@ -122,6 +122,28 @@ def test_config_keys() -> None:
     with pytest.raises(ConfigError, match="parallel.num_layers_in_first_pipeline_stage is set but "
                                           "parallel.pipeline_model_parallel_size=1"):
         load_config(overrides=["parallel.num_layers_in_first_pipeline_stage=2"])
+
+
+def test_decoder_config_carries_the_split() -> None:
+    """The VL providers' decoder TransformerConfig gets Megatron's two fields, after a check that names the
+    config keys (before Megatron's own asserts, which accept a middle stage without layers)."""
+    from transformers import Qwen2Config
+
+    from model_providers.vlm_base import qwen2_language_config
+
+    text = Qwen2Config(num_hidden_layers=3, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=256)  # fmt: skip
+    build = lambda split, pp=2: qwen2_language_config(  # noqa: E731
+        text, rope="rope", name="test", tp_size=1, pp_size=pp, params_dtype=torch.float32, backend="local",
+        pipeline_split=split)  # fmt: skip
+    config = build(PipelineSplit(first=1))
+    assert (config.num_layers_in_first_pipeline_stage, config.num_layers_in_last_pipeline_stage) == (1, None)
+    assert build(PipelineSplit(), pp=3).num_layers_in_first_pipeline_stage is None  # 1+1+1
+    with pytest.raises(PipelineSplitError, match="parallel.pipeline_model_parallel_size=2 does not divide the 3"):
+        build(PipelineSplit())
+    with pytest.raises(PipelineSplitError, match="parallel.num_layers_in_first_pipeline_stage=2, "
+                                                 "parallel.num_layers_in_last_pipeline_stage=2 sum to 4"):
+        build(PipelineSplit(2, 2))
 
 
 # ---- the scaling planner's choice (tools/scaling/pipeline_stages.py) --------------------------------------
