@@ -332,8 +332,8 @@ def _validate(cfg: Config) -> None:
 
 
 def _validate_pipeline_split(section: ParallelSection) -> None:
-    """What needs no model: each count >= 1, PP > 1, both fit within PP stages. The fit to the model's
-    decoder layers is checked when the model is built (`model_providers.pipeline_split`)."""
+    """What needs no model: each count >= 1, and PP > 1. The fit to the model's decoder layers is checked
+    when the model is built (`model_providers.pipeline_split`)."""
     split = {"first": section.num_layers_in_first_pipeline_stage, "last": section.num_layers_in_last_pipeline_stage}
     given = {k: v for k, v in split.items() if v is not None}
     for where, value in given.items():

@@ -48,8 +48,8 @@ def check_layout(hf_config, tp: int, pp: int, split=None):
     """TP must divide the attention heads and KV groups (text and vision); returns the pipeline split to use.
 
     `split` (a `PipelineSplit`, default even) must fit the decoder layers. Without one, when PP does not divide
-    the layers, the most balanced uneven split is used (`balanced_split`): which rank converts which layers
-    changes nothing in the output, a global-layer-indexed checkpoint that reloads at any split.
+    the layers, the most balanced uneven split is used (`balanced_split`): the split only decides which rank
+    converts which layers; the checkpoint indexes layers globally and reloads at any split.
     """
     from model_providers.pipeline_split import EVEN, PipelineSplitError, balanced_split
 
