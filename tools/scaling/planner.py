@@ -12,13 +12,15 @@ old/expert log-prob forward, the mini-batch updates, the weight push. Per GPU it
 
     memory  weights 2 B/param, fp32 grads 4 B/param (our DDP: grad_reduce_in_fp32), Adam fp32 master+m+v
             12 B/param (/DP·CP with the distributed optimizer), activations of the in-flight micro-batches
-            at micro_batch × (max prompt + max response) tokens (1F1B: stage 0 holds min(PP, m) of them),
-            the vision tower's, the fp32 logits of the last stage, the rollout engine's weights and its
+            at micro_batch × (max prompt + max response) tokens (1F1B: stage i holds min(PP − i, m) of them;
+            the worst stage counts), the vision tower's (stage 0), the fp32 logits of the last stage, the rollout engine's weights and its
             KV cache L·2·kv_heads·head_dim·tokens_in_flight·2 B / min(rollout TP, kv_heads), fixed overheads;
     time    generation (prefill FLOPs; decode steps = max(max_new_tokens, tokens/concurrency), each reading
             the weight shard once plus the KV of the running sequences from HBM), log-prob forward
             (2·N FLOPs/token), training (6·N + attention, +2·N with full recompute) at `mfu` of peak, TP
-            all-reduces (2 per layer forward, 2 backward, over NVLink), the PP bubble (p−1)/(m+p−1), the DP
+            all-reduces (2 per layer forward, 2 backward, over NVLink), per pipeline stage (its decoder layers;
+            stage 0 the ViT, the last the LM head) through 1F1B: (Σ T_i + (m − 1)·max T_i)/m, the decoder
+            split of each layout chosen by tools/scaling/pipeline_stages.py (Megatron's uneven stages), the DP
             gradient all-reduce / reduce-scatter per optimizer step (NVLink inside a node, IB across), the
             optimizer update (HBM bound) and the weight sync. The vision tower is replicated over CP (its
             FLOPs and activations are not split by CP).
@@ -394,8 +396,8 @@ def candidate_layouts(model: ModelShape, gpus: int, hw: Hardware, w: Workload, *
     """Valid (TP, PP, CP, DP) × recompute × optimizer sharding; rollout TP is chosen per layout later.
     TP divides attention heads, KV groups and ViT heads and stays inside a node; PP <= 16 (and <= the decoder
     layers: every such PP has a Megatron split) with its split chosen by `split_for` (`uneven=False`: PP
-    divides the layers, even split); CP ∈ {1, 2}; sequence parallelism whenever TP > 1; the distributed optimizer on or off when
-    DP×CP > 1.
+    divides the layers, even split); CP ∈ {1, 2}; sequence parallelism whenever TP > 1; the distributed
+    optimizer on or off when DP×CP > 1.
     `current_trainer` (kept for callers and `--current-trainer`): only what calibrl_mcore/trainer/policy.py
     and model_providers/ build. They now build every layout considered here — Megatron's distributed
     optimizer over DP×CP (`optim.distributed_optimizer`), sequence parallelism (`parallel.sequence_parallel`,
