@@ -38,6 +38,7 @@ from calibrl_mcore.trainer.objective import logprob_fn, rl_loss_fn
 from calibrl_mcore.trainer.policy import MegatronPolicy, MicroBatch
 from calibrl_mcore.trainer.rollout_stage import RolloutFailure, RolloutStage
 from calibrl_mcore.trainer.weight_sync import WeightSync, sync_method
+from model_providers.pipeline_split import PipelineSplit
 from model_providers.registry import position_ids
 from rollout.client import RolloutClient
 from rollout.launcher import start_rollout_server
@@ -54,7 +55,8 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         total_updates = cfg.train.steps * cfg.train.mini_batches_per_step
         self.policy = MegatronPolicy(cfg.model, cfg.optim, total_steps=total_updates,
-                                     sequence_parallel=cfg.parallel.sequence_parallel)
+                                     sequence_parallel=cfg.parallel.sequence_parallel,
+                                     pipeline_split=PipelineSplit.from_section(cfg.parallel))
         self.position_ids = lambda ids, grid, attn: position_ids(self.policy.hf_config, ids, grid, attn)
         self.dataset = PromptDataset.from_path(cfg.data.train_path, max_images=cfg.data.max_images,
                                                seed=cfg.data.seed)
