@@ -54,16 +54,18 @@ def create_group(
     timeout_s: float = 300.0,
 ) -> dist.ProcessGroup:
     """Join (rank > 0) or host (rank 0) a weight-update group; blocks until all ranks joined (gloo)."""
-    from torch.distributed.distributed_c10d import Backend, _new_process_group_helper, _world, rendezvous
+    from torch.distributed.distributed_c10d import Backend, _new_process_group_helper, _world
 
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if backend == "nccl" and (not dist.is_nccl_available() or not torch.cuda.is_available()):
         raise ValueError("backend 'nccl' needs a CUDA build of torch and a visible GPU")
     timeout = datetime.timedelta(seconds=timeout_s)
-    store, rank, world_size = next(rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size,
-                                              timeout=timeout))
-    store.set_timeout(timeout)
+    # The store a `tcp://` rendezvous makes outside torchelastic (rendezvous._create_c10d_store). Not
+    # `rendezvous()` itself: under torchrun it would connect to the elastic agent's store instead of
+    # hosting this one, and nobody would answer.
+    store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout,
+                          multi_tenant=True)
     group, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), dist.PrefixStore(group_name, store),
                                          group_name=group_name, backend_options=None, timeout=timeout)
     _world.pg_group_ranks[group] = {i: i for i in range(world_size)}  # group rank == rank in the group

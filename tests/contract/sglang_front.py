@@ -57,6 +57,8 @@ from rollout.engines.base import GenerateRequest  # noqa: E402
 from rollout.engines.base import SamplingParams as EngineSampling
 from rollout.protocol import decode_image  # noqa: E402
 
+SGLANG_TORCH = "2.8.0"  # sglang 0.5.4.post3's torch pin
+
 
 def create_app(engine: Any) -> FastAPI:
     app = FastAPI()
@@ -142,6 +144,10 @@ def create_app(engine: Any) -> FastAPI:
     @app.post("/init_weights_update_group")
     async def init_weights_update_group(obj: InitWeightsUpdateGroupReqInput) -> JSONResponse:
         def join() -> Any:  # model_runner.init_weights_update_group, TP rank 0
+            # SGLang picks the keyword by `str(torch.__version__) >= "2.6"`, a string comparison that
+            # is False for "2.13.0": it would pass the pre-2.6 `pg_options`. Under its own pin (torch
+            # 2.8.0) it passes `backend_options`; show it that version, as its image would.
+            torch.__version__ = SGLANG_TORCH
             return init_custom_process_group(backend=obj.backend, init_method=f"tcp://{obj.master_address}:"
                                              f"{obj.master_port}", world_size=obj.world_size,
                                              rank=obj.rank_offset, group_name=obj.group_name)
