@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import threading
 import uuid
 from typing import Any
 
@@ -63,7 +62,7 @@ SGLANG_TORCH = "2.8.0"  # sglang 0.5.4.post3's torch pin
 def create_app(engine: Any) -> FastAPI:
     app = FastAPI()
     state = {"version": "default", "groups": {}, "received": {}, "log": []}
-    lock = threading.Lock()
+    lock = asyncio.Lock()  # tokenizer_manager.model_update_lock: one weight update at a time
 
     @app.middleware("http")
     async def record(request: Request, call_next):
@@ -173,7 +172,7 @@ def create_app(engine: Any) -> FastAPI:
                 handle.wait()
             return weights
 
-        with lock:
+        async with lock:
             weights = await asyncio.to_thread(receive)
             state["received"].update((name, w.clone()) for name, w in weights)
             await asyncio.to_thread(engine.update_weights_from_tensors, weights)
