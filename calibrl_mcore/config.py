@@ -116,6 +116,10 @@ class RolloutConfig:
     (rows, columns) bucket (auto = on CUDA devices; on = also off CUDA, run eagerly); off = the padded slab."""
     server_tp_size: int = 1
     """tensor parallelism of an SGLang/vLLM server the trainer starts."""
+    server_base_gpu: int = -1
+    """first GPU of a server the trainer starts (SGLang --base-gpu-id, vLLM CUDA_VISIBLE_DEVICES, embedded with
+    server_device=cuda: cuda:N); -1 = the first GPU after this node's trainer ranks. Sharing a trainer rank's GPU
+    is refused for weight_sync_method=distributed (NCCL)."""
     server_mem_fraction: float = 0.5
     """GPU memory fraction an SGLang/vLLM server may take (colocated with training)."""
 

@@ -512,7 +512,10 @@ def test_nan_reward_names_the_sample(tiny, monkeypatch):
     class FakeClient:
         nan_at = None  # (prompt index, sample index) whose reward comes out NaN
 
-        def generate(self, prompts, params):
+        def check_servers(self):
+            pass
+
+        def generate(self, prompts, params, seed=None):
             return [Sample(prompt_index=i, sample_index=j, output_ids=[11, 12, 13], logprobs=[-0.5] * 3,
                            text="NAN" if (i, j) == self.nan_at else "<think>x</think><answer>1</answer>",
                            finish_reason="stop", weight_version=0, prompt_tokens=0)
@@ -541,7 +544,10 @@ def test_dapo_overlong_penalty_enters_the_reward(tiny):
     from rollout.client import Sample
 
     class FakeClient:  # sample j of each prompt has 10 * (j + 1) tokens, all correct and well formatted
-        def generate(self, prompts, params):
+        def check_servers(self):
+            pass
+
+        def generate(self, prompts, params, seed=None):
             return [Sample(prompt_index=i, sample_index=j, output_ids=[11] * (10 * (j + 1)), logprobs=[-0.5] * 10 * (j + 1),
                            text="<think>x</think><answer>1</answer>", finish_reason="stop", weight_version=0,
                            prompt_tokens=0) for i in range(len(prompts)) for j in range(params["n"])]

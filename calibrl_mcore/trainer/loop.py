@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,7 +72,10 @@ class Trainer:
         if self.is_rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if not urls[0]:  # colocated: we start the server ourselves, a child process on loopback
-                self.server = start_rollout_server(cfg.rollout, cfg.model.hf_path, self.run_dir)
+                method = sync_method(cfg.rollout.weight_sync_method, cfg.rollout.engine)
+                trainer_gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if torch.cuda.is_available() else 0
+                self.server = start_rollout_server(cfg.rollout, cfg.model.hf_path, self.run_dir, method=method,
+                                                   trainer_gpus=trainer_gpus)
                 urls = [[self.server.url]]
             client = RolloutClient(urls[0], api_key=cfg.rollout.api_key or None, timeout=cfg.rollout.timeout_s,
                                    max_retries=cfg.rollout.max_retries)
