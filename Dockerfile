@@ -20,10 +20,14 @@
 #   extension compiled against this image's torch (--no-build-isolation); a no-op if the image has 2.4.0.
 # * apex tag 25.04, compiled from source with --cpp_ext --cuda_ext against this image's torch and CUDA.
 # * transformers 5.24.0: the version the CPU test suite runs; calibrl-mcore needs transformers 5
-#   (`rope_parameters`). sglang 0.5.4.post3 itself was released against transformers 4.57.1: if its
-#   Qwen2.5-VL path fails under 5.x, run SGLang from its own image and pass `rollout.urls=[...]`.
+#   (`rope_parameters`). sglang 0.5.4.post3 pins transformers==4.57.1 and torch==2.8.0: here its torch pin
+#   holds (the image's 2.8.0a0) and transformers is overridden. What calibrl relies on (SGLang's request
+#   classes, sampling checks, weight-group join) runs under transformers 5 in tests/test_sglang_contract.py;
+#   its model path under 5.x is not verified on a GPU: if it fails, run SGLang from its own image
+#   (lmsysorg/sglang:v0.5.4.post3) and pass `rollout.urls=[...]`.
 # Not installed from the `gpu` extra:
-# * not installed: vllm (its wheels pin and would replace torch; run it from its own image, rollout.urls)
+# * not installed: vllm (0.30.0, pyproject's pin: its wheels pin torch==2.13.0 and CUDA 13, this image has torch
+#   2.8 and CUDA 12.9; and calibrl does not drive vLLM's routes yet: rollout/engines/vllm.py refuses it at start)
 # * not installed: flash-attn (TE uses cuDNN fused attention, SGLang flashinfer; a source build is ~1 h)
 FROM nvcr.io/nvidia/pytorch:25.06-py3
 

@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean contract-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,12 @@ install: $(STAMP)
 lint: install
 	$(VENV)/bin/ruff check .
 
-test: install lint
+# SGLang (the Dockerfile's version) for the contract tests, --no-deps into .cache/ (not the venv: its
+# torch/transformers pins would replace ours); installed once, a second run finds it (tests/contract/).
+contract-deps: install
+	$(PY) -m tests.contract.sglang_env
+
+test: install lint contract-deps
 	$(PY) -m pytest -q tests
 
 demo: install
@@ -30,4 +35,4 @@ bench: install
 	$(PY) bench/losses.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .cache

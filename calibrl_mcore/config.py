@@ -46,7 +46,14 @@ class ParallelSection:
     tensor_model_parallel_size: int = 1
     """TP degree (must divide attention heads and KV groups)."""
     pipeline_model_parallel_size: int = 1
-    """PP degree (must divide the decoder layers); 1F1B schedule."""
+    """PP degree; 1F1B schedule. Stages hold equal shares of the decoder layers unless the two keys below
+    are set."""
+    num_layers_in_first_pipeline_stage: int | None = None
+    """decoder layers on the first PP stage, which also runs the vision tower (Megatron's uneven pipeline;
+    null = the middle stages' share). The stages between first and last share the rest evenly."""
+    num_layers_in_last_pipeline_stage: int | None = None
+    """decoder layers on the last PP stage, which also runs the LM head and the loss (null = the middle
+    stages' share). A checkpoint saved at one split resumes at any other, or at PP = 1."""
     context_parallel_size: int = 1
     """CP degree: each sequence split into 2·CP load-balanced chunks; needs model.spec te or sdpa (not local)."""
     sequence_parallel: bool = False
@@ -109,6 +116,10 @@ class RolloutConfig:
     (rows, columns) bucket (auto = on CUDA devices; on = also off CUDA, run eagerly); off = the padded slab."""
     server_tp_size: int = 1
     """tensor parallelism of an SGLang/vLLM server the trainer starts."""
+    server_base_gpu: int = -1
+    """first GPU of a server the trainer starts (SGLang --base-gpu-id, vLLM CUDA_VISIBLE_DEVICES, embedded with
+    server_device=cuda: cuda:N); -1 = the first GPU after this node's trainer ranks. Sharing a trainer rank's GPU
+    is refused for weight_sync_method=distributed (NCCL)."""
     server_mem_fraction: float = 0.5
     """GPU memory fraction an SGLang/vLLM server may take (colocated with training)."""
 
@@ -321,6 +332,20 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"algo.alpha must be in [0, 1], got {cfg.algo.alpha}")
     if cfg.parallel.sequence_parallel and cfg.parallel.tensor_model_parallel_size == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
+    _validate_pipeline_split(cfg.parallel)
+
+
+def _validate_pipeline_split(section: ParallelSection) -> None:
+    """What needs no model: each count >= 1, and PP > 1. The fit to the model's decoder layers is checked
+    when the model is built (`model_providers.pipeline_split`)."""
+    split = {"first": section.num_layers_in_first_pipeline_stage, "last": section.num_layers_in_last_pipeline_stage}
+    given = {k: v for k, v in split.items() if v is not None}
+    for where, value in given.items():
+        if value < 1:
+            raise ConfigError(f"parallel.num_layers_in_{where}_pipeline_stage must be >= 1 (null = even), got {value}")
+    if given and section.pipeline_model_parallel_size == 1:
+        raise ConfigError(f"parallel.num_layers_in_{next(iter(given))}_pipeline_stage is set but "
+                          "parallel.pipeline_model_parallel_size=1: uneven stages need PP > 1 (set them to null)")
 
 
 LAYOUT_DIR = Path(__file__).resolve().parents[1] / "configs" / "layouts"

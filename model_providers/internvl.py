@@ -41,7 +41,7 @@ from .vlm_base import VisionLanguageModel, build_stage, qwen2_language_config
 def language_config(hf_text, **options) -> TransformerConfig:
     """The decoder's TransformerConfig from HF's `Qwen2Config` (InternVL3's language model; plain RoPE).
 
-    options (keyword-only): tp_size, pp_size, params_dtype, backend, sequence_parallel=False; see
+    options (keyword-only): tp_size, pp_size, params_dtype, backend, sequence_parallel=False, pipeline_split; see
     `vlm_base.qwen2_language_config`.
     """
     if hf_text.model_type != "qwen2":
@@ -105,7 +105,8 @@ def build_internvl(hf_config, **options) -> InternVLModel:
 
     options (keyword-only, see `vlm_base.build_stage`): params_dtype=torch.float32, pre_process=True,
     post_process=True, spec="auto" ('local': Megatron's PyTorch modules, CPU; 'te': Transformer Engine,
-    GPU), parallel_output=True, sequence_parallel=False, recompute='none'|'selective'|'full'. Weights are randomly initialised; load HF weights
+    GPU), parallel_output=True, sequence_parallel=False, recompute='none'|'selective'|'full', pipeline_split
+    (decoder layers of the first / last PP stage). Weights are randomly initialised; load HF weights
     with `hf_mapping.load_hf_weights` and `get_mapping("internvl", ...)`. On a CUDA machine the model is
     moved to the current device.
     """

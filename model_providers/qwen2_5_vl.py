@@ -33,7 +33,7 @@ __all__ = ["DEFAULT_MROPE_SECTION", "Qwen2_5_VLModel", "build_qwen2_5_vl", "lang
 def language_config(hf_text, **options) -> TransformerConfig:
     """The decoder's TransformerConfig from HF's `Qwen2_5_VLTextConfig` (Qwen2 block + M-RoPE).
 
-    options (keyword-only): tp_size, pp_size, params_dtype, backend, sequence_parallel=False; see
+    options (keyword-only): tp_size, pp_size, params_dtype, backend, sequence_parallel=False, pipeline_split; see
     `vlm_base.qwen2_language_config`.
     """
     return qwen2_language_config(hf_text, rope="mrope", name="Qwen2.5-VL", **options)
@@ -77,7 +77,8 @@ def build_qwen2_5_vl(hf_config, **options) -> Qwen2_5_VLModel:
 
     options (keyword-only, see `vlm_base.build_stage`): params_dtype=torch.float32, pre_process=True,
     post_process=True, spec="auto" ('local': Megatron's PyTorch modules, CPU; 'te': Transformer Engine,
-    GPU), parallel_output=True, sequence_parallel=False, recompute='none'|'selective'|'full'. Weights are randomly initialised; load HF weights
+    GPU), parallel_output=True, sequence_parallel=False, recompute='none'|'selective'|'full', pipeline_split
+    (decoder layers of the first / last PP stage). Weights are randomly initialised; load HF weights
     with `hf_mapping.load_hf_weights`. On a CUDA machine the model is moved to the current device.
     """
     return build_stage(Qwen2_5_VLModel, language_config, hf_config, **options)

@@ -34,6 +34,7 @@ from torch import Tensor
 from .context_parallel import split_for_cp
 from .hf_mapping import tp_padded
 from .packing import PackedLayout, check_packing_supported
+from .pipeline_split import EVEN, PipelineSplit
 from .specs import Backend, SpecChoice, backend_config_kwargs, block_spec, resolve_backend
 
 RopeKind = Literal["rope", "mrope"]
@@ -52,11 +53,13 @@ def qwen2_language_config(
     backend: Backend,
     sequence_parallel: bool = False,
     cp_size: int = 1,
+    pipeline_split: PipelineSplit = EVEN,
 ) -> TransformerConfig:
     """The TransformerConfig of a Qwen2 decoder (QKV bias only, GQA, RMSNorm, SwiGLU) from its HF text config.
 
     `rope="mrope"` reads the M-RoPE sections from `rope_parameters["mrope_section"]`; `rope="rope"` accepts
     only the 'default' rope_type (Megatron's plain RoPE). `name` is the model in error messages.
+    `pipeline_split`: decoder layers of the first / last PP stage (None: even), checked against the layers.
     """
     if rope not in ("rope", "mrope"):
         raise ValueError(f"rope={rope!r}: expected 'rope' or 'mrope'")
@@ -73,6 +76,7 @@ def qwen2_language_config(
             f"context_parallel_size={cp_size} needs the 'sdpa' or 'te' spec: Megatron's local attention "
             "rejects context parallelism (model.spec=sdpa runs it on CPU too)"
         )
+    pipeline_split.stage_layers(hf_text.num_hidden_layers, pp_size)  # a clear error before Megatron's asserts
     heads, groups = hf_text.num_attention_heads, hf_text.num_key_value_heads
     if heads % tp_size or groups % tp_size:
         raise ValueError(
@@ -101,6 +105,7 @@ def qwen2_language_config(
         **rope_kwargs,
         tensor_model_parallel_size=tp_size,
         pipeline_model_parallel_size=pp_size,
+        **pipeline_split.config_kwargs(),
         context_parallel_size=cp_size,
         sequence_parallel=sequence_parallel,
         **backend_config_kwargs(backend, params_dtype),
@@ -393,6 +398,7 @@ def build_stage(
     fp8_bf16_layers: Sequence[str] = ("first", "last", "vision"),
     packed_sequences: bool = False,
     compile_layers: bool = False,
+    pipeline_split: PipelineSplit = EVEN,
 ) -> VisionLanguageModel:
     """Build this rank's stage of `model_cls`, its decoder configured by `language_config(hf_text, ...)`.
 
@@ -402,6 +408,8 @@ def build_stage(
     `packed_sequences`: the model will get packed micro-batches (`forward(packed=...)`): spec 'auto' then
     picks sdpa rather than local on CPU, and a layout that cannot run them is refused here.
     `compile_layers`: `torch.compile` every decoder layer (`compile_decoder_layers`).
+    `pipeline_split`: decoder layers on the first / last PP stage (`pipeline_split.PipelineSplit`; default
+    even). The vision tower always sits on the first stage, whole.
 
     Needs Megatron's parallel_state (`init_distributed`). `spec`: 'local' (Megatron's PyTorch modules,
     CPU), 'te' (Transformer Engine, GPU) or 'auto'. Weights are randomly initialised (load HF weights with
@@ -417,6 +425,7 @@ def build_stage(
         params_dtype=params_dtype,
         backend=backend,
         sequence_parallel=sequence_parallel,
+        pipeline_split=pipeline_split,
     )
     apply_recompute(config, recompute)
     apply_fp8(config, fp8, fp8_bf16_layers, backend)

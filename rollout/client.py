@@ -6,7 +6,16 @@
 Prompts are sent as batched `/generate` requests of up to `batch_size` prompts, up to `max_concurrency`
 at once, round-robin over the servers, so each engine sees many rows to batch. Connection errors,
 timeouts and 5xx answers are retried with exponential backoff on the next server; 4xx answers are the
-caller's mistake and raise at once.
+caller's mistake and raise at once, naming the route, the field and the server's message.
+
+Every request is shaped as SGLang (the pinned version, see tests/contract/) accepts it:
+- always the batch form; `image_data` is a list of image lists, `[]` for a prompt without images
+  (SGLang infers the nesting from entry 0 alone, so a `None` first entry would break the rest);
+- reproducible sampling without SGLang's missing `seed`: `generate(..., seed=S)` sends each of the n
+  samples of a prompt as its own entry with n = 1 and `sampling_seed = sample_seed(S, prompt, j)`
+  (SGLang applies one `sampling_seed` to all n samples of an entry, and only with
+  `--enable-deterministic-inference`; the embedded engine always honours it);
+- `weight_version` is a string on the wire and comes back as one.
 """
 
 from __future__ import annotations
@@ -29,9 +38,40 @@ _RETRYABLE = (httpx.TransportError,)  # connect/read/write errors and timeouts
 class RolloutRequestError(RuntimeError):
     """The server refused a request (4xx), or all retries failed."""
 
-    def __init__(self, message: str, status: int | None = None, body: Any = None) -> None:
+    def __init__(self, message: str, status: int | None = None, body: Any = None, field: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.body = status, body
+        self.status, self.body, self.field = status, body, field
+
+
+def server_error(url: str, route: str, response: httpx.Response) -> RolloutRequestError:
+    """One line naming the route, the field (where the server names one) and the server's message, from
+    any of the error shapes in use: ours {"error": {"field", "message"}}, OpenAI/vLLM {"error": {"message",
+    "param"}}, SGLang's ErrorResponse {"message"} and {"success": false, "message"}, FastAPI {"detail"}."""
+    body = _json_or_text(response)
+    field, message = None, body if isinstance(body, str) else None
+    if isinstance(body, dict):
+        error = body.get("error") if isinstance(body.get("error"), dict) else body
+        field = error.get("field") or error.get("param")
+        message = error.get("message") or body.get("detail") or str(body)
+        if isinstance(message, list) and message and isinstance(message[0], dict):  # FastAPI's detail list
+            field = field or ".".join(str(x) for x in message[0].get("loc", [])[1:])
+            message = message[0].get("msg")
+    if field and isinstance(message, str):
+        message = message.removeprefix(f"{field}: ")
+    where = f" field {field!r}:" if field else ""
+    return RolloutRequestError(f"{url}{route}: HTTP {response.status_code}:{where} {message}",
+                               response.status_code, body, field)
+
+
+_MASK31 = (1 << 31) - 1
+
+
+def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """The `sampling_seed` of sample j of prompt p under request seed S: a 31-bit mix (SGLang keeps
+    seeds in an int32 tensor), so samples and prompts get unrelated streams on any server."""
+    x = (seed * 0x9E3779B97F4A7C15 + prompt_index * 0xBF58476D1CE4E5B9 + sample_index * 0x94D049BB133111EB) % 2**64
+    x = ((x ^ (x >> 31)) * 0xD6E8FEB86659FD93) % 2**64
+    return (x ^ (x >> 32)) & _MASK31
 
 
 @dataclass
@@ -84,15 +124,19 @@ class RolloutClient:
 
     # ----------------------------------------------------------------------------------------------
     def generate(
-        self, prompts: list[dict[str, Any]], sampling_params: dict[str, Any], return_logprob: bool = True
+        self, prompts: list[dict[str, Any]], sampling_params: dict[str, Any], return_logprob: bool = True,
+        seed: int | None = None,
     ) -> list[Sample]:
         """Sample `sampling_params["n"]` completions per prompt; results in prompt order, then sample order.
 
         Each prompt is {"text": str} or {"input_ids": [int]}, optionally with "image_data": a list of
-        base64 strings / PIL images / bytes.
+        base64 strings / PIL images / bytes. `seed` makes the samples reproducible (see the module doc).
         """
+        if "seed" in sampling_params or "sampling_seed" in sampling_params:
+            raise ValueError("sampling_params: pass the seed as generate(seed=...); SGLang has no 'seed' and "
+                             "its 'sampling_seed' applies to all n samples of a prompt")
         chunks = list(self._chunks(prompts))
-        futures = [self._pool.submit(self._generate_chunk, start, batch, sampling_params, return_logprob)
+        futures = [self._pool.submit(self._generate_chunk, start, batch, sampling_params, return_logprob, seed)
                    for start, batch in chunks]
         samples = [s for f in futures for s in f.result()]
         return samples
@@ -109,20 +153,15 @@ class RolloutClient:
             start = end
 
     def _generate_chunk(
-        self, start: int, prompts: list[dict[str, Any]], sampling_params: dict[str, Any], return_logprob: bool
+        self, start: int, prompts: list[dict[str, Any]], sampling_params: dict[str, Any], return_logprob: bool,
+        seed: int | None,
     ) -> list[Sample]:
-        kind = "text" if "text" in prompts[0] else "input_ids"
-        payload: dict[str, Any] = {
-            kind: [p[kind] for p in prompts],
-            "sampling_params": sampling_params,
-            "return_logprob": return_logprob,
-        }
-        if any(p.get("image_data") for p in prompts):
-            payload["image_data"] = [[encode_image(i) for i in p.get("image_data") or []] or None for p in prompts]
+        payload = generate_payload(start, prompts, sampling_params, return_logprob, seed)
         items = self._post("/generate", payload)
         n = int(sampling_params.get("n", 1))
-        if len(items) != len(prompts) * n:
-            raise RolloutRequestError(f"expected {len(prompts) * n} samples, got {len(items)}")
+        if not isinstance(items, list) or len(items) != len(prompts) * n:
+            raise RolloutRequestError(f"/generate: expected a list of {len(prompts) * n} samples, got "
+                                      f"{len(items) if isinstance(items, list) else type(items).__name__}")
         return [_to_sample(start + k // n, k % n, item) for k, item in enumerate(items)]
 
     # ----------------------------------------------------------------------------------------------
@@ -130,13 +169,14 @@ class RolloutClient:
         """Tell every server to load weights from `model_path` (a path on the servers' machines)."""
         body: dict[str, Any] = {"model_path": model_path}
         if weight_version is not None:
-            body["weight_version"] = weight_version
+            body["weight_version"] = str(weight_version)  # SGLang: Optional[str]; an int is a 400
         return [self._post("/update_weights_from_disk", body, url=url) for url in self.urls]
 
     def update_weights_from_tensors(
         self, named_tensors: Iterable[tuple[str, Any]], weight_version: int | None = None
     ) -> list[dict[str, Any]]:
-        """Push (HF name, tensor) pairs to every embedded server as one safetensors payload."""
+        """Push (HF name, tensor) pairs to every embedded server as one safetensors payload (base64 in
+        SGLang's UpdateWeightsFromTensorReqInput fields, load_format "safetensors": embedded servers only)."""
         from safetensors.torch import save
 
         tensors, seen = {}, set()
@@ -146,9 +186,11 @@ class RolloutClient:
                 tensor = tensor.clone()
             seen.add(tensor.untyped_storage().data_ptr())
             tensors[name] = tensor
-        payload = save(tensors)
-        params = {} if weight_version is None else {"weight_version": str(weight_version)}
-        return [self._post("/update_weights_from_tensor", payload, url=url, params=params) for url in self.urls]
+        body: dict[str, Any] = {"serialized_named_tensors": [base64.b64encode(save(tensors)).decode()],
+                                "load_format": "safetensors", "flush_cache": True}
+        if weight_version is not None:
+            body["weight_version"] = str(weight_version)
+        return [self._post("/update_weights_from_tensor", body, url=url) for url in self.urls]
 
     # Weight sync over a collective (SGLang's routes; rollout/weight_group.py). The caller is rank 0
     # of the group and must join it while these requests are in flight: call them from a thread.
@@ -194,7 +236,7 @@ class RolloutClient:
 
     def _post_all(self, route: str, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """POST bodies[i] to server i, all at once (no retries: a half-joined collective cannot be redone)."""
-        futures = [self._pool.submit(self._post, route, body, url, None, 0) for url, body in zip(self.urls, bodies)]
+        futures = [self._pool.submit(self._post, route, body, url, 0) for url, body in zip(self.urls, bodies)]
         return [f.result() for f in futures]
 
     def get_model_info(self) -> list[dict[str, Any]]:
@@ -203,10 +245,25 @@ class RolloutClient:
         for url in self.urls:
             response = self._http.get(url + "/get_model_info", timeout=30.0)
             if response.status_code >= 400:
-                raise RolloutRequestError(f"{url}/get_model_info: {response.status_code} {response.text}",
-                                          response.status_code, _json_or_text(response))
+                raise server_error(url, "/get_model_info", response)
             infos.append(response.json())
         return infos
+
+    def check_servers(self) -> None:
+        """Before the first request: every server speaks the rollout API (SGLang's routes). A vLLM server
+        (it answers /version but has no /get_model_info) is refused naming the version calibrl would need."""
+        for url in self.urls:
+            try:
+                if self._http.get(url + "/get_model_info", timeout=30.0).status_code != 404:
+                    continue
+                is_vllm = self._http.get(url + "/version", timeout=30.0).status_code == 200
+            except httpx.HTTPError:
+                continue  # unreachable now: the retries and the server pool deal with it
+            if is_vllm:
+                from rollout.engines.vllm import check_vllm
+
+                check_vllm(f"rollout.urls: {url}")
+            raise RolloutRequestError(f"{url}: no /get_model_info: not an SGLang-API rollout server")
 
     def health(self) -> dict[str, bool]:
         result = {}
@@ -232,29 +289,25 @@ class RolloutClient:
         with self._cycle_lock:
             return self.urls[next(self._cycle)]
 
-    def _post(self, route: str, body: Any, url: str | None = None, params: dict[str, str] | None = None,
-              max_retries: int | None = None) -> Any:
+    def _post(self, route: str, body: Any, url: str | None = None, max_retries: int | None = None) -> Any:
         """POST with retries; a pinned `url` is retried on itself, otherwise on the next server."""
         last_error: Exception | None = None
         max_retries = self.max_retries if max_retries is None else max_retries
         for attempt in range(max_retries + 1):
             target = url or self._next_url()
             try:
-                if isinstance(body, bytes):
-                    response = self._http.post(target + route, content=body, params=params,
-                                               headers={"Content-Type": "application/octet-stream"})
-                else:
-                    response = self._http.post(target + route, json=body, params=params)
+                response = self._http.post(target + route, json=body)
             except _RETRYABLE as exc:
                 last_error = exc
             else:
+                reply = _json_or_text(response) if response.status_code < 400 else None
+                if isinstance(reply, dict) and reply.get("success") is False:  # SGLang's refusal shape
+                    raise RolloutRequestError(f"{target}{route}: {reply.get('message')}", response.status_code, reply)
                 if response.status_code < 400:
-                    return response.json()
+                    return reply
                 if response.status_code < 500:
-                    raise RolloutRequestError(f"{target}{route}: {response.status_code} {response.text}",
-                                              response.status_code, _json_or_text(response))
-                last_error = RolloutRequestError(f"{target}{route}: {response.status_code} {response.text}",
-                                                 response.status_code, _json_or_text(response))
+                    raise server_error(target, route, response)
+                last_error = server_error(target, route, response)
             if attempt < max_retries:
                 time.sleep(self.backoff * (2**attempt))
         raise RolloutRequestError(f"{route}: gave up after {max_retries + 1} attempts: {last_error!r}")
@@ -265,6 +318,24 @@ def _json_or_text(response: httpx.Response) -> Any:
         return response.json()
     except ValueError:
         return response.text
+
+
+def generate_payload(start: int, prompts: list[dict[str, Any]], sampling_params: dict[str, Any],
+                     return_logprob: bool, seed: int | None) -> dict[str, Any]:
+    """The `/generate` body of one chunk (prompts start..start+len-1 of the call), see the module doc."""
+    kind = "text" if "text" in prompts[0] else "input_ids"
+    n = int(sampling_params.get("n", 1))
+    entries = [(k, None) for k in range(len(prompts))]
+    params: dict[str, Any] | list[dict[str, Any]] = dict(sampling_params)
+    if seed is not None:  # n entries per prompt (prompt-major, as SGLang orders n > 1), each with its seed
+        entries = [(k, j) for k in range(len(prompts)) for j in range(n)]
+        params = [{**sampling_params, "n": 1, "sampling_seed": sample_seed(seed, start + k, j)} for k, j in entries]
+    payload: dict[str, Any] = {kind: [prompts[k][kind] for k, _ in entries], "sampling_params": params,
+                               "return_logprob": return_logprob}
+    if any(p.get("image_data") for p in prompts):
+        images = [[encode_image(i) for i in p.get("image_data") or []] for p in prompts]
+        payload["image_data"] = [images[k] for k, _ in entries]
+    return payload
 
 
 def _to_sample(prompt_index: int, sample_index: int, item: dict[str, Any]) -> Sample:
@@ -278,7 +349,7 @@ def _to_sample(prompt_index: int, sample_index: int, item: dict[str, Any]) -> Sa
         text=item.get("text", ""),
         logprobs=[float(t[0]) for t in triples],
         finish_reason=finish.get("type", "abort") if isinstance(finish, dict) else str(finish),
-        weight_version=_as_int(meta.get("weight_version")),
+        weight_version=_as_int(meta.get("weight_version")),  # our pushes label versions "1", "2", ...
         prompt_tokens=int(meta.get("prompt_tokens", 0)),
         finish_detail=finish if isinstance(finish, dict) else {},
     )

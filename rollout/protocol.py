@@ -26,8 +26,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+INT32 = (-(2**31), 2**31)  # SGLang stacks sampling_seed into an int32 tensor (sampling_batch_info.py)
+
+
 class SamplingParamsIn(_Strict):
-    """SGLang `sampling_params` (the keys the embedded engine implements)."""
+    """SGLang's `sampling_params`: exactly the keyword arguments of its `SamplingParams.__init__`
+    (sglang 0.5.4.post3, srt/sampling/sampling_params.py), checked by its `verify()` rules.
+
+    The embedded engine implements the first group; the second is accepted at SGLang's defaults only
+    (a non-default value is refused naming the field: the engine cannot honour it). An unknown key,
+    e.g. `seed`, is refused as SGLang refuses it (`SamplingParams(**kwargs)` raises TypeError).
+    """
 
     max_new_tokens: int = 128
     temperature: float = 1.0
@@ -36,13 +45,31 @@ class SamplingParamsIn(_Strict):
     n: int = 1
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    seed: int | None = None
-    sampling_seed: int | None = None  # SGLang's name for the seed
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
+    # SGLang's default is 42, acting only under --enable-deterministic-inference; unset here = fresh
+    # randomness, set = the sample is a function of (seed, token index), in any batch.
+    sampling_seed: int | None = None
+    # Accepted at these (SGLang's default) values only.
+    stop_regex: str | list[str] | None = None
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    structural_tag: str | None = None
+    spaces_between_special_tokens: bool = True
+    custom_params: dict[str, Any] | None = None
+    stream_interval: int | None = None
+    logit_bias: dict[str, float] | None = None
 
-    def to_engine(self) -> SamplingParams:
+    def to_engine(self, prefix: str = "sampling_params") -> SamplingParams:
+        """SGLang's `verify()` rules, then the engine's params; errors name `prefix.field`."""
+        self._verify(prefix)
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(
             max_new_tokens=self.max_new_tokens,
@@ -52,34 +79,84 @@ class SamplingParamsIn(_Strict):
             n=self.n,
             stop=tuple(stop),
             stop_token_ids=tuple(self.stop_token_ids or ()),
-            seed=self.seed if self.seed is not None else self.sampling_seed,
+            seed=self.sampling_seed,
             ignore_eos=self.ignore_eos,
             skip_special_tokens=self.skip_special_tokens,
             no_stop_trim=self.no_stop_trim,
         )
 
+    def _verify(self, prefix: str) -> None:
+        def fail(name: str, message: str) -> None:
+            raise EngineInputError(f"{prefix}.{name}", message)
+
+        # SGLang first maps temperature < 1e-6 to greedy (top_k = 1), so top_k is free there.
+        if self.temperature >= 1e-6 and (self.top_k == 0 or self.top_k < -1):
+            fail("top_k", f"must be -1 (disable) or at least 1, got {self.top_k}")
+        if "sampling_seed" in self.model_fields_set and self.sampling_seed is None:
+            fail("sampling_seed", "should not be None")
+        if self.sampling_seed is not None and not INT32[0] <= self.sampling_seed < INT32[1]:
+            fail("sampling_seed", f"{self.sampling_seed} does not fit SGLang's int32 seed tensor")
+        for name in _DEFAULT_ONLY:
+            if getattr(self, name) != type(self).model_fields[name].default:
+                fail(name, f"{getattr(self, name)!r} is not supported by the embedded engine (SGLang only)")
+
+
+_DEFAULT_ONLY = ("stop_regex", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty",
+                 "min_new_tokens", "json_schema", "regex", "ebnf", "structural_tag",
+                 "spaces_between_special_tokens", "custom_params", "stream_interval", "logit_bias")
+
 
 class GenerateIn(_Strict):
-    """`POST /generate`: one prompt or a batch (lists), SGLang's field names."""
+    """`POST /generate`: one prompt or a batch (lists), SGLang's field names and its batch rules
+    (`GenerateReqInput.normalize_batch_and_arguments`, sglang 0.5.4.post3 io_struct.py)."""
 
     text: str | list[str] | None = None
     input_ids: list[int] | list[list[int]] | None = None
-    # Single prompt: one base64 image or a list of them; batch: one entry (str | list | None) per prompt.
+    # Single prompt: one base64 image or a list of them. Batch: one entry per prompt, and SGLang reads
+    # the nesting from entry 0 only: a list there means "a list of images per prompt" ([] = none),
+    # anything else means "one image (or None) per prompt".
     image_data: str | list[str | list[str] | None] | None = None
     sampling_params: SamplingParamsIn | list[SamplingParamsIn] | None = None
-    return_logprob: bool | list[bool] = False
+    return_logprob: bool | list[bool] | None = None
+    logprob_start_len: int | list[int] | None = None
+    top_logprobs_num: Literal[0] | list[Literal[0]] | None = None
+    return_text_in_logprobs: bool = False
     # Accepted for SGLang compatibility; they cannot change what we return.
     rid: str | list[str] | None = None
     stream: Literal[False] = False
-    return_text_in_logprobs: bool = False
-    logprob_start_len: int | list[int] | None = None
-    top_logprobs_num: Literal[0] | None = None
+    log_metrics: bool = True
+    priority: int | None = None
+    no_logs: bool = False
+    custom_labels: dict[str, str] | None = None
+    http_worker_ipc: str | None = None
 
     @model_validator(mode="after")
     def _one_prompt_kind(self) -> GenerateIn:
         if (self.text is None) == (self.input_ids is None):
             raise ValueError("give exactly one of text / input_ids")
         return self
+
+    def check(self) -> None:
+        """SGLang's batch rules (raised as EngineInputError naming the field, before any work)."""
+        if self.input_ids is not None and len(self.input_ids) == 0:
+            raise EngineInputError("input_ids", "input_ids cannot be empty")
+        params = self.sampling_params
+        n = (params[0].n if params else 1) if isinstance(params, list) else (params.n if params else 1)
+        if isinstance(params, list) and any(p.n != n for p in params):
+            raise EngineInputError("sampling_params", "every entry needs the same n (SGLang's parallel_sample_num)")
+        for name in ("return_logprob", "logprob_start_len", "top_logprobs_num"):
+            if n > 1 and isinstance(getattr(self, name), list):
+                raise EngineInputError(name, "a per-prompt list cannot be used with n > 1 (SGLang)")
+        data = self.image_data
+        if not isinstance(data, list) or not data or (not self.is_batch and n == 1):
+            return
+        if len(data) != self.batch_size:
+            raise EngineInputError("image_data", f"has {len(data)} entries for {self.batch_size} prompts")
+        if not isinstance(data[0], list):
+            for i, entry in enumerate(data):
+                if isinstance(entry, list):
+                    raise EngineInputError(f"image_data[{i}]", "image_data[0] is not a list, so SGLang reads every "
+                                           "entry as one image; send a list per prompt ([] for none)")
 
     @property
     def is_batch(self) -> bool:
@@ -99,27 +176,28 @@ class GenerateIn(_Strict):
         return None, (self.input_ids[i] if self.is_batch else self.input_ids)  # type: ignore[index,return-value]
 
     def images(self, i: int) -> tuple[str, list[str]]:
-        """(field path for errors, base64 strings) of prompt i."""
+        """(field path for errors, base64 strings) of prompt i (after `check`)."""
         data = self.image_data
-        if data is None:
+        if data is None or isinstance(data, str):
+            return "image_data", [] if data is None else [data]
+        if not self.is_batch:  # [a, b] = several images; [[a, b]] = SGLang's batch-of-one form
+            inner = data[0] if len(data) == 1 and isinstance(data[0], list) else data
+            return "image_data", [d for d in inner if isinstance(d, str)]
+        if not data:
             return "image_data", []
-        if not self.is_batch:
-            return "image_data", [data] if isinstance(data, str) else [d for d in data if isinstance(d, str)]
-        if not isinstance(data, list) or len(data) != self.batch_size:
-            raise EngineInputError("image_data", "a batch needs one image_data entry per prompt")
         entry = data[i]
         return f"image_data[{i}]", [] if entry is None else ([entry] if isinstance(entry, str) else entry)
 
-    def sampling(self, i: int) -> SamplingParamsIn:
+    def sampling(self, i: int) -> SamplingParams:
         params = self.sampling_params
         if isinstance(params, list):
             if len(params) != self.batch_size:
                 raise EngineInputError("sampling_params", "a list needs one entry per prompt")
-            return params[i]
-        return params or SamplingParamsIn()
+            return params[i].to_engine(f"sampling_params[{i}]")
+        return (params or SamplingParamsIn()).to_engine()
 
     def logprob(self, i: int) -> bool:
-        return self.return_logprob[i] if isinstance(self.return_logprob, list) else self.return_logprob
+        return bool(self.return_logprob[i] if isinstance(self.return_logprob, list) else self.return_logprob)
 
 
 def decode_image(data: str, field: str) -> Image.Image:
@@ -149,15 +227,15 @@ def decode_image(data: str, field: str) -> Image.Image:
         raise EngineInputError(field, f"cannot decode image: {exc}") from exc
 
 
-def generate_item(sample: SampleOutput, return_logprob: bool, rid: str) -> dict[str, Any]:
-    """One element of the `/generate` response, as SGLang shapes it."""
+def generate_item(sample: SampleOutput, return_logprob: bool, rid: str, weight_version: str) -> dict[str, Any]:
+    """One element of the `/generate` response, as SGLang shapes it (tokenizer_manager._handle_batch_output)."""
     meta: dict[str, Any] = {
         "id": rid,
         "finish_reason": sample.finish_reason,
         "prompt_tokens": sample.prompt_tokens,
         "completion_tokens": sample.completion_tokens,
         "cached_tokens": 0,
-        "weight_version": sample.weight_version,
+        "weight_version": weight_version,
     }
     if return_logprob:
         # SGLang's triples: [logprob, token_id, token_text or None (return_text_in_logprobs=false)].
@@ -167,28 +245,46 @@ def generate_item(sample: SampleOutput, return_logprob: bool, rid: str) -> dict[
     return {"text": sample.text, "output_ids": sample.output_ids, "meta_info": meta}
 
 
-class UpdateWeightsFromDiskIn(_Strict):
+class _SGLangReq(_Strict):
+    """Fields every SGLang request dataclass has (io_struct.BaseReq)."""
+
+    rid: str | list[str] | None = None
+    http_worker_ipc: str | None = None
+
+
+class UpdateWeightsFromDiskIn(_SGLangReq):
+    """SGLang's UpdateWeightFromDiskReqInput (0.5.4.post3): `weight_version` is a string there (an int
+    is refused, as pydantic refuses it for SGLang); the other flags are accepted and change nothing
+    for an engine without a scheduler to pause or CUDA graphs to recapture."""
+
     model_path: str
     load_format: str | None = None
-    weight_version: int | None = None
-    abort_all_requests: bool = False  # accepted for SGLang compatibility; in-flight requests continue
+    abort_all_requests: bool = False
+    weight_version: str | None = None
+    is_async: bool = False
+    torch_empty_cache: bool = False
+    keep_pause: bool = False
+    recapture_cuda_graph: bool = False
+    token_step: int = 0
 
 
-class UpdateWeightsFromTensorIn(_Strict):
-    """JSON form of `POST /update_weights_from_tensor` (the raw-bytes form takes the same query params).
+class UpdateWeightsFromTensorIn(_SGLangReq):
+    """JSON form of `POST /update_weights_from_tensor` (SGLang's UpdateWeightsFromTensorReqInput fields).
 
-    `serialized_named_tensors`: base64 strings, each a complete safetensors file of (HF name -> tensor).
-    SGLang's default (pickled tensors) is refused: unpickling a request body runs arbitrary code.
+    `serialized_named_tensors`: base64 strings, each a complete safetensors file of (HF name -> tensor),
+    with `load_format="safetensors"`. SGLang's own default (its pickling serializer, CUDA IPC handles)
+    is refused: unpickling a request body runs arbitrary code. So this route is the embedded engine's:
+    SGLang passes the body's schema but cannot load the payload (weight_sync refuses method tensor there).
     """
 
     serialized_named_tensors: list[str]
     load_format: Literal["safetensors"] | None = "safetensors"
     flush_cache: bool = True
-    weight_version: int | None = None
     abort_all_requests: bool = False
+    weight_version: str | None = None
 
 
-class InitWeightsUpdateGroupIn(_Strict):
+class InitWeightsUpdateGroupIn(_SGLangReq):
     """`POST /init_weights_update_group` (SGLang's fields): join the trainer's broadcast group as rank
     `rank_offset` of `world_size` (the trainer is rank 0 and hosts the store at master_address:port)."""
 
@@ -205,11 +301,11 @@ class InitWeightsUpdateGroupIn(_Strict):
             raise EngineInputError("rank_offset", f"{self.rank_offset} is not below world_size={self.world_size}")
 
 
-class DestroyWeightsUpdateGroupIn(_Strict):
+class DestroyWeightsUpdateGroupIn(_SGLangReq):
     group_name: str = "weight_update_group"
 
 
-class UpdateWeightsFromDistributedIn(_Strict):
+class UpdateWeightsFromDistributedIn(_SGLangReq):
     """`POST /update_weights_from_distributed` (SGLang's fields): after this request, rank 0 of
     `group_name` broadcasts one tensor per name, in order, with the given dtypes and shapes."""
 
@@ -218,11 +314,8 @@ class UpdateWeightsFromDistributedIn(_Strict):
     shapes: list[list[int]]
     group_name: str = "weight_update_group"
     flush_cache: bool = True
-    weight_version: int | None = None  # SGLang sends a string; numeric strings are accepted
-    # Accepted for SGLang compatibility; in-flight requests continue either way.
-    abort_all_requests: bool = False
-    load_format: str | None = None
-    torch_empty_cache: bool = False
+    abort_all_requests: bool = False  # accepted; in-flight requests continue either way
+    weight_version: str | None = None
 
     def tensor_specs(self) -> list[tuple[str, Any, tuple[int, ...]]]:
         """(name, torch dtype, shape) per tensor; a bad entry raises naming its field."""
@@ -292,7 +385,7 @@ class ChatCompletionIn(_Strict):
             top_k=self.top_k,
             n=self.n,
             stop=self.stop,
-            seed=self.seed,
+            **({} if self.seed is None else {"sampling_seed": self.seed}),
         ).to_engine()
 
     def template_messages(self) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:

@@ -62,6 +62,25 @@ logger = logging.getLogger(__name__)
 CHAT_DEFAULT_MAX_TOKENS = 512  # OpenAI's "until the context is full" is impractical for rollouts
 
 
+class WeightVersions:
+    """SGLang's `weight_version`: a free-form string that a weight update may set ("default" until one
+    does; an update without one keeps it). The engine numbers its updates; this maps each number to the
+    label current after it, so every sample reports the label of the weights it finished with."""
+
+    def __init__(self, engine_version: int) -> None:
+        self.current = "default"
+        self._labels = {engine_version: self.current}
+
+    def updated(self, engine_version: int, label: str | None) -> str:
+        if label is not None:
+            self.current = label
+        self._labels[engine_version] = self.current
+        return self.current
+
+    def of(self, engine_version: int) -> str:
+        return self._labels.get(engine_version, self.current)
+
+
 class HTTPInputError(Exception):
     def __init__(self, status: int, field: str, message: str) -> None:
         super().__init__(message)
@@ -119,6 +138,7 @@ def create_app(engine: RolloutEngine, api_key: str | None = None) -> FastAPI:
         return JSONResponse(status_code=500, content={"error": {"message": repr(exc), "type": "internal_error"}})
 
     auth = [Depends(require_key)]
+    versions = WeightVersions(engine.weight_version)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -127,15 +147,24 @@ def create_app(engine: RolloutEngine, api_key: str | None = None) -> FastAPI:
 
     @app.get("/get_model_info", dependencies=auth)
     async def get_model_info() -> dict[str, Any]:
-        return engine.model_info()
+        return {**engine.model_info(), "weight_version": versions.current}
 
     @app.api_route("/flush_cache", methods=["GET", "POST"], dependencies=auth)
     async def flush_cache() -> dict[str, Any]:
         await run_in_threadpool(engine.flush_cache)
         return {"success": True, "message": "Cache flushed."}
 
+    @app.get("/get_weight_version", dependencies=auth)
+    async def get_weight_version() -> dict[str, Any]:
+        return {"weight_version": versions.current}
+
+    @app.get("/get_server_info", dependencies=auth)
+    async def get_server_info() -> dict[str, Any]:
+        return {**engine.model_info(), "weight_version": versions.current, "tp_size": 1, "version": "embedded"}
+
     @app.post("/generate", dependencies=auth)
     async def generate(body: GenerateIn) -> Any:
+        body.check()
         requests = []
         for i in range(body.batch_size):
             text, input_ids = body.prompt(i)
@@ -143,31 +172,32 @@ def create_app(engine: RolloutEngine, api_key: str | None = None) -> FastAPI:
             images = await run_in_threadpool(_decode_images, [
                 (f"{field}[{j}]" if len(encoded) > 1 else field, data) for j, data in enumerate(encoded)])
             requests.append(GenerateRequest(text=text, input_ids=input_ids, images=images,
-                                            sampling=body.sampling(i).to_engine(), return_logprob=body.logprob(i)))
+                                            sampling=body.sampling(i), return_logprob=body.logprob(i)))
         per_prompt = await _run(engine, requests)
         items = []
         for i, samples in enumerate(per_prompt):
             rid = (body.rid[i] if isinstance(body.rid, list) else body.rid) or uuid.uuid4().hex
-            items += [generate_item(s, body.logprob(i), rid) for s in samples]
+            items += [generate_item(s, body.logprob(i), rid, versions.of(s.weight_version)) for s in samples]
         return items if body.is_batch or len(items) != 1 else items[0]
 
     @app.post("/update_weights_from_disk", dependencies=auth)
     async def update_weights_from_disk(body: UpdateWeightsFromDiskIn) -> dict[str, Any]:
         try:
-            version = await run_in_threadpool(engine.update_weights_from_disk, body.model_path, body.weight_version)
+            engine_version = await run_in_threadpool(engine.update_weights_from_disk, body.model_path, None)
         except (OSError, ValueError) as exc:
             if isinstance(exc, EngineInputError):
                 raise
             raise EngineInputError("model_path", f"cannot load weights: {exc}") from exc
-        return {"success": True, "message": "Succeeded to update model weights.", "weight_version": version,
-                "num_paused_requests": 0}
+        return {"success": True, "message": "Succeeded to update model weights.",
+                "weight_version": versions.updated(engine_version, body.weight_version), "num_paused_requests": 0}
 
     @app.post("/update_weights_from_tensor", dependencies=auth)
     async def update_weights_from_tensor(request: Request) -> dict[str, Any]:
         payloads, version = await _read_tensor_payloads(request)
         named = await run_in_threadpool(_load_safetensors, payloads)
-        new_version = await run_in_threadpool(engine.update_weights_from_tensors, named, version)
-        return {"success": True, "message": f"Updated {len(named)} tensors.", "weight_version": new_version}
+        engine_version = await run_in_threadpool(engine.update_weights_from_tensors, named, None)
+        return {"success": True, "message": f"Updated {len(named)} tensors.",
+                "weight_version": versions.updated(engine_version, version)}
 
     groups = WeightUpdateGroups(getattr(engine, "device", "cpu"))
 
@@ -189,10 +219,11 @@ def create_app(engine: RolloutEngine, api_key: str | None = None) -> FastAPI:
         if check is not None:
             await run_in_threadpool(check, [(name, shape) for name, _, shape in specs], "names[{i}]", "shapes[{i}]")
         named = await run_in_threadpool(groups.receive, body.group_name, specs)
-        version = await run_in_threadpool(engine.update_weights_from_tensors, named, body.weight_version)
+        engine_version = await run_in_threadpool(engine.update_weights_from_tensors, named, None)
         if body.flush_cache:
             await run_in_threadpool(engine.flush_cache)
-        return {"success": True, "message": f"Updated {len(named)} tensors.", "weight_version": version}
+        return {"success": True, "message": f"Updated {len(named)} tensors.",
+                "weight_version": versions.updated(engine_version, body.weight_version)}
 
     @app.post("/destroy_weights_update_group", dependencies=auth)
     async def destroy_weights_update_group(body: DestroyWeightsUpdateGroupIn) -> dict[str, Any]:
@@ -239,7 +270,7 @@ def _decode_images(refs: list[tuple[str, str]]) -> list[Any]:
     return [decode_image(data, path) for path, data in refs]
 
 
-async def _read_tensor_payloads(request: Request) -> tuple[list[bytes], int | None]:
+async def _read_tensor_payloads(request: Request) -> tuple[list[bytes], str | None]:
     import base64
     import binascii
 
@@ -255,12 +286,7 @@ async def _read_tensor_payloads(request: Request) -> tuple[list[bytes], int | No
             return [base64.b64decode(s, validate=True) for s in body.serialized_named_tensors], body.weight_version
         except (binascii.Error, ValueError) as exc:
             raise EngineInputError("serialized_named_tensors", f"not valid base64: {exc}") from exc
-    raw_version = request.query_params.get("weight_version")
-    try:
-        version = None if raw_version is None else int(raw_version)
-    except ValueError as exc:
-        raise EngineInputError("weight_version", f"not an integer: {raw_version!r}") from exc
-    return [await request.body()], version
+    return [await request.body()], request.query_params.get("weight_version")
 
 
 def _load_safetensors(payloads: list[bytes]) -> list[tuple[str, Any]]:

@@ -1,12 +1,14 @@
 """Weight-update process groups: trainer rank 0 broadcasts tensors to rollout-server ranks 1..N.
 
-Both sides build the group the same way, beside torch's default process group and never inside it
-(a torchrun trainer already owns one; the server has none): a `TCPStore` hosted by the trainer
-(rank 0, `master_address:master_port`) and a `ProcessGroupGloo` (CPU tensors) or `ProcessGroupNCCL`
-(CUDA tensors) constructed on it directly. Nothing is registered in `torch.distributed`'s global
-state, so `dist.get_rank()` and the trainer's collectives are untouched, and several groups (one per
-pipeline stage) can coexist. SGLang builds its side with its own `init_custom_process_group`; the
-wire-level contract is the same: rank 0 = trainer, ranks `rank_offset + i` = server ranks.
+Every side builds the group exactly as SGLang's `init_custom_process_group` does (sglang 0.5.4.post3,
+srt/utils/common.py; tests/test_sglang_contract.py joins with that very function): the store of a
+`tcp://master_address:master_port` rendezvous (hosted by rank 0, the trainer), wrapped in
+`PrefixStore(group_name)`, handed to torch's own group constructor `_new_process_group_helper`, which
+prefixes its keys with `"{group_name}/"` and the device again. Building the backend on the store
+directly (as this module once did) waits on other keys, and the join times out. The group lives beside
+torch's default group (a torchrun trainer owns one; the embedded server has none), under its own
+`group_name`, so several groups (one per pipeline stage) coexist and `dist.get_rank()` is untouched.
+Rank 0 = trainer, ranks `rank_offset + i` = server ranks.
 
 Gloo's group constructor is the rendezvous (it returns once every rank connected); NCCL's
 communicator forms at the first collective. Either way both sides must be inside the call at the same
@@ -52,20 +54,22 @@ def create_group(
     timeout_s: float = 300.0,
 ) -> dist.ProcessGroup:
     """Join (rank > 0) or host (rank 0) a weight-update group; blocks until all ranks joined (gloo)."""
+    from torch.distributed.distributed_c10d import Backend, _new_process_group_helper, _world
+
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(
-        master_address, master_port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False
-    )
-    store = dist.PrefixStore(group_name, store)  # one key space per group
-    if backend == "gloo":
-        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
-    if not hasattr(dist, "ProcessGroupNCCL") or not torch.cuda.is_available():
+    if backend == "nccl" and (not dist.is_nccl_available() or not torch.cuda.is_available()):
         raise ValueError("backend 'nccl' needs a CUDA build of torch and a visible GPU")
-    options = dist.ProcessGroupNCCL.Options()
-    options._timeout = timeout
-    return dist.ProcessGroupNCCL(store, rank, world_size, options)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # The store a `tcp://` rendezvous makes outside torchelastic (rendezvous._create_c10d_store). Not
+    # `rendezvous()` itself: under torchrun it would connect to the elastic agent's store instead of
+    # hosting this one, and nobody would answer.
+    store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout,
+                          multi_tenant=True)
+    group, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), dist.PrefixStore(group_name, store),
+                                         group_name=group_name, backend_options=None, timeout=timeout)
+    _world.pg_group_ranks[group] = {i: i for i in range(world_size)}  # group rank == rank in the group
+    return group
 
 
 def broadcast_async(
@@ -78,12 +82,15 @@ def broadcast_async(
 
 
 def close_group(group: dist.ProcessGroup) -> None:
-    """Best effort: release the group's connections (a broken peer must not stop the caller)."""
-    for method in ("abort", "shutdown"):
-        try:
-            getattr(group, method)()
-        except Exception:  # noqa: BLE001, S112 - tearing down a possibly broken group
-            continue
+    """Best effort: release the group's connections and its name (a broken peer must not stop the caller)."""
+    try:
+        group.abort()  # NCCL: do not wait for a peer that may be gone
+    except Exception:  # noqa: BLE001 - gloo has nothing to abort; a broken group may refuse
+        pass
+    try:
+        dist.destroy_process_group(group)  # frees group_name for the next join
+    except Exception:  # noqa: BLE001 - tearing down a possibly broken group
+        pass
 
 
 @dataclass

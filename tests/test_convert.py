@@ -7,9 +7,11 @@
     loads the exported directory (model + processor);
   * bad input (architecture, layout, missing / unexpected / mis-shaped tensors, existing output) gives a
     message naming the field or tensor, a non-zero exit, and no output directory;
-  * InternVL3 (the same tool, nothing architecture-specific): HF -> Megatron -> verify at TP=1 x PP=2 -> HF,
-    bit-exact. Converted at TP=1: at TP=2 Megatron's own save rejects the InternVL stage (the vision
-    embeddings' replicated tensors carry replica_id (0, 0, 0) on every TP rank - a provider issue).
+  * uneven pipeline stages on 3-layer models (Megatron's num_layers_in_{first,last}_pipeline_stage): Qwen2.5-VL
+    converted at --pp 2 (no split given: 1+2 chosen), verified at 2+1, exported at PP=1 bit-exactly;
+  * InternVL3 (the same tool, nothing architecture-specific): HF -> Megatron at PP=2 split 2+1 -> verify at
+    1+2 -> HF at PP=1, bit-exact. Converted at TP=1: at TP=2 Megatron's own save rejects the InternVL stage
+    (the vision embeddings' replicated tensors carry replica_id (0, 0, 0) on every TP rank - a provider issue).
 The HF checkpoint is make_tiny_model's, with seeded noise on every tensor (norm scales and biases would
 otherwise be ones / zeros and hide a swapped mapping), split over two safetensors files with an index.
 """
@@ -58,10 +60,10 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("convert")
 
 
-def _tiny(arch: str, path: Path) -> Path:
+def _tiny(arch: str, path: Path, num_layers: int = 2) -> Path:
     from tools.make_tiny_model import make_tiny_model
 
-    make_tiny_model(arch, path, seed=0, num_layers=2)
+    make_tiny_model(arch, path, seed=0, num_layers=num_layers)
     _perturb_and_shard(path)
     return path
 
@@ -151,7 +153,9 @@ def _reshape(state: dict, file: str) -> None:
         ("unsupported", ["--tp", "1"], "model_type='llama'"),
         ("tp_heads", ["--tp", "3"], "does not divide text_config.num_attention_heads=4"),
         ("tp_kv_groups", ["--tp", "4"], "does not divide text_config.num_key_value_heads=2"),
-        ("pp_layers", ["--pp", "3"], "does not divide text_config.num_hidden_layers=2"),
+        ("pp_layers", ["--pp", "3"], "--pp=3 is more stages than the 2 decoder layers (text_config.num_hidden_layers=2)"),
+        ("pp_split", ["--pp", "2", "--num-layers-in-first-pipeline-stage", "2"],
+         "--num-layers-in-first-pipeline-stage=2 leave 0 of the 2 decoder layers to the other 1 of --pp=2 stages"),
         ("missing", [], "missing HF tensor 'model.layers.1.mlp.up_proj.weight'"),
         ("unexpected", [], "unexpected HF tensor 'model.layers.7.mlp.up_proj.weight'"),
         (
@@ -182,17 +186,39 @@ def test_bad_input(work: Path, hf_dir: Path, capsys, case: str, flags: list[str]
     assert (not out.exists()) if case != "exists" else not any(out.iterdir())
 
 
-def test_internvl(work: Path) -> None:
-    hf, mcore, back = _tiny("internvl", work / "internvl_hf"), work / "internvl_mcore", work / "internvl_back"
-    assert main(["hf-to-mcore", "--hf-dir", str(hf), "--out-dir", str(mcore), "--buffer-mb", "0.25"]) == 0
-    report = work / "internvl_verify.json"
-    assert (
-        main(["verify", "--hf-dir", str(hf), "--mcore-dir", str(mcore), "--pp", "2", "--report", str(report)])
-        == 0
-    )
-    diffs = json.loads(report.read_text())["max_abs_diff"]
+def _verify(work: Path, hf: Path, mcore: Path, name: str, *flags: str) -> dict:
+    report = work / f"{name}.json"
+    assert main(["verify", "--hf-dir", str(hf), "--mcore-dir", str(mcore), "--report", str(report), *flags]) == 0
+    result = json.loads(report.read_text())
+    diffs = result["max_abs_diff"]
     assert set(diffs) == {"text", "one_image", "two_images"} and max(diffs.values()) <= TOL, diffs
-    assert main(["mcore-to-hf", "--mcore-dir", str(mcore), "--out-dir", str(back)]) == 0
-    source, exported = _hf_tensors(hf), _hf_tensors(back)
+    return result
+
+
+def _assert_bit_identical(source_dir: Path, exported_dir: Path) -> None:
+    source, exported = _hf_tensors(source_dir), _hf_tensors(exported_dir)
     assert sorted(exported) == sorted(source)
     assert all(torch.equal(source[k], exported[k]) and source[k].dtype == exported[k].dtype for k in source)
+
+
+def test_uneven_pipeline_stages(work: Path) -> None:
+    """`--pp 2` on a 3-layer model: no split given -> 1+2 (stage 0 also holds the vision tower); the checkpoint
+    is verified at the other split (2+1) and exported at PP=1, bit-identical to the source."""
+    hf, mcore, back = _tiny("qwen2_5_vl", work / "hf3", num_layers=3), work / "mcore3_pp2", work / "hf3_back"
+    assert main(["hf-to-mcore", "--hf-dir", str(hf), "--out-dir", str(mcore), "--pp", "2", "--buffer-mb", "0.25"]) == 0
+    meta = json.loads((mcore / "convert.json").read_text())
+    assert (meta["num_layers_in_first_pipeline_stage"], meta["num_layers_in_last_pipeline_stage"]) == (1, None)
+    result = _verify(work, hf, mcore, "verify3", "--pp", "2", "--num-layers-in-first-pipeline-stage", "2")
+    assert result["stage_layers"] == [2, 1]
+    assert main(["mcore-to-hf", "--mcore-dir", str(mcore), "--out-dir", str(back)]) == 0
+    _assert_bit_identical(hf, back)
+
+
+def test_internvl(work: Path) -> None:
+    hf = _tiny("internvl", work / "internvl_hf", num_layers=3)
+    mcore, back = work / "internvl_mcore", work / "internvl_back"
+    assert main(["hf-to-mcore", "--hf-dir", str(hf), "--out-dir", str(mcore), "--buffer-mb", "0.25", "--pp", "2",
+                 "--num-layers-in-last-pipeline-stage", "1"]) == 0  # fmt: skip
+    assert _verify(work, hf, mcore, "internvl_verify", "--pp", "2")["stage_layers"] == [1, 2]
+    assert main(["mcore-to-hf", "--mcore-dir", str(mcore), "--out-dir", str(back)]) == 0
+    _assert_bit_identical(hf, back)

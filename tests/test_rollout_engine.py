@@ -347,12 +347,15 @@ def test_external_server_commands_and_missing_package_error():
                           context_length=4096, extra_args=("--enable-metrics",), require_installed=False)
     assert sglang.command() == [sys.executable, "-m", "sglang.launch_server", "--model-path", "/models/qwen",
                                 "--host", "127.0.0.1", "--port", "31000", "--tp-size", "2",
+                                "--base-gpu-id", "0", "--enable-deterministic-inference",
                                 "--mem-fraction-static", "0.7", "--context-length", "4096", "--api-key", "k",
                                 "--enable-metrics"]
     vllm = VLLMServer("/models/qwen", port=31001, tp_size=4, context_length=8192, require_installed=False)
     cmd = vllm.command()
     assert "/models/qwen" in cmd and cmd[cmd.index("--tensor-parallel-size") + 1] == "4"
     assert cmd[cmd.index("--max-model-len") + 1] == "8192" and "--api-key" not in cmd
+    vllm.base_gpu_id = 2  # no --base-gpu-id in vLLM: its GPUs come from CUDA_VISIBLE_DEVICES
+    assert vllm.env()["CUDA_VISIBLE_DEVICES"] == "2,3,4,5"
 
 
 def test_external_server_supervisor_restarts_boundedly_and_stops():

@@ -86,14 +86,14 @@ def hf_model(models):
 def test_health_model_info_and_models(http):
     assert http.get("/health").json() == {"status": "ok"}
     info = http.get("/get_model_info").json()
-    assert info["weight_version"] >= 0 and info["model_path"] and info["engine"] == "embedded"
+    assert isinstance(info["weight_version"], str) and info["model_path"] and info["engine"] == "embedded"
     assert http.get("/v1/models").json()["data"][0]["id"] == info["model_path"]
     assert http.post("/flush_cache").json()["success"] is True
 
 
 def test_generate_n_samples_stop_and_max_new_tokens(http):
     body = {"text": "the quick brown fox", "return_logprob": True,
-            "sampling_params": {"max_new_tokens": 12, "n": 4, "temperature": 1.0, "seed": 3}}
+            "sampling_params": {"max_new_tokens": 12, "n": 4, "temperature": 1.0, "sampling_seed": 3}}
     items = http.post("/generate", json=body).json()
     assert len(items) == 4 and len({tuple(i["output_ids"]) for i in items}) > 1
     for item in items:
@@ -122,7 +122,7 @@ def test_generate_with_image_and_logprobs_equal_teacher_forcing(http, hf_model):
             "<|im_start|>assistant\n")
     image_b64 = png_b64(5)
     item = http.post("/generate", json={"text": text, "image_data": image_b64, "return_logprob": True,
-                                        "sampling_params": {"max_new_tokens": 16, "temperature": 1.0, "seed": 7}}).json()
+                                        "sampling_params": {"max_new_tokens": 16, "temperature": 1.0, "sampling_seed": 7}}).json()
     processor_dir = hf_model.name_or_path
     try:
         processor = AutoProcessor.from_pretrained(processor_dir)
@@ -204,8 +204,8 @@ def test_update_weights_from_disk_and_tensor_change_outputs(http, models, hf_mod
     body = {"input_ids": [3, 4, 5, 6], "return_logprob": True,
             "sampling_params": {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}}
     before = http.post("/generate", json=body).json()
-    reply = http.post("/update_weights_from_disk", json={"model_path": str(models[1])}).json()
-    assert reply["success"] and reply["weight_version"] > before["meta_info"]["weight_version"]
+    reply = http.post("/update_weights_from_disk", json={"model_path": str(models[1]), "weight_version": "5"}).json()
+    assert reply["success"] and reply["weight_version"] == "5" != before["meta_info"]["weight_version"]
     after = http.post("/generate", json=body).json()
     assert after["meta_info"]["weight_version"] == reply["weight_version"]
     assert after["meta_info"]["output_token_logprobs"] != before["meta_info"]["output_token_logprobs"]
@@ -213,10 +213,10 @@ def test_update_weights_from_disk_and_tensor_change_outputs(http, models, hf_mod
     payload = save({k: v.contiguous() for k, v in hf_model.state_dict().items()})
     reply = http.post("/update_weights_from_tensor", content=payload, params={"weight_version": 100},
                       headers={"Content-Type": "application/octet-stream"}).json()
-    assert reply["success"] and reply["weight_version"] == 100
+    assert reply["success"] and reply["weight_version"] == "100"
     restored = http.post("/generate", json=body).json()
-    assert restored["output_ids"] == before["output_ids"]
-    assert http.get("/get_model_info").json()["weight_version"] == 100
+    assert restored["output_ids"] == before["output_ids"] and restored["meta_info"]["weight_version"] == "100"
+    assert http.get("/get_model_info").json()["weight_version"] == "100"
     bad = http.post("/update_weights_from_tensor", content=save({"lm_head.weight": torch.zeros(2, 2)}),
                     headers={"Content-Type": "application/octet-stream"})
     assert bad.status_code == 400 and "lm_head.weight" in bad.json()["error"]["message"]

@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from calibrl_mcore.config import load_config
+from model_providers.pipeline_split import PipelineSplit
 from tools.scaling import planner as P
 from tools.scaling.models import MODELS, ModelShape
 from tools.scaling.sweep import (
@@ -128,9 +129,14 @@ def test_step_time_components_by_hand():
     m = w.trained_rows // w.mini_batches  # micro-batches per mini-batch, no bubble without PP
     assert P.micro_batches_per_rank(w, lay) == m
     assert P.pass_s(DENSE, w, lay, H100, a, backward=True) == pytest.approx(expect)
-    # with PP=2 the same compute stretches by the bubble (m + p − 1) / m (plus small p2p)
-    two = P.pass_s(DENSE, w, P.Layout(pp=2), H100, a, backward=True)
-    assert two == pytest.approx(expect / 2 * (m + 1) / m, rel=0.01)  # two GPUs share the FLOPs
+    # with PP=2 each stage computes its layers, the last also the LM head (6·V·h FLOPs per token); 1F1B takes
+    # (T0 + T1 + (m − 1)·max) / m (plus small p2p): the slower stage sets the pace
+    per_flop = w.trained_rows * w.avg_seq / (H100.peak_bf16_tflops * 1e12 * a.mfu)
+    layer = per_flop * (6 * N_LAYER + 12 * H * w.avg_seq)
+    for first, (t0, t1) in {None: (8 * layer, 8 * layer + per_flop * 6 * V * H),
+                            9: (9 * layer, 7 * layer + per_flop * 6 * V * H)}.items():
+        two = P.pass_s(DENSE, w, P.Layout(pp=2, split=PipelineSplit(first)), H100, a, backward=True)
+        assert two == pytest.approx((t0 + t1 + (m - 1) * max(t0, t1)) / m, rel=0.01)
     # TP=2 adds 4 all-reduces per layer per micro-batch of s·h·2 bytes at 2(t−1)/t · bytes / busbw
     tp2 = P.pass_s(DENSE, w, P.Layout(tp=2), H100, a, backward=True)
     ar = H100.collective_latency_us / 1e6 + 2 * (1 / 2) * w.avg_seq * H * 2 / (H100.nvlink_busbw_gbps * 1e9)
@@ -177,9 +183,9 @@ def test_feasibility_filter():
     assert ok32 and all(p.feasible and p.memory["total"] <= budget + 1e-9 for p in ok32)
     tiny_gpu = P.Hardware("small", 16.0, 989.0, 1979.0, 3.35, 360.0, 40.0, 8, 15.0)
     assert not P.rank_layouts(MODELS["qwen2_5_vl_7b"], 8, tiny_gpu, w)[0]
-    # layouts respect divisibility: TP | heads and KV groups, PP | layers, TP inside a node
+    # layouts respect divisibility: TP | heads and KV groups, TP inside a node, a decoder split Megatron accepts
     for lay in P.candidate_layouts(MODELS["qwen2_5_vl_3b"], 16, H100, w):
-        assert 2 % lay.tp == 0 and 36 % lay.pp == 0 and lay.gpus == 16
+        assert 2 % lay.tp == 0 and sum(lay.split.stage_layers(36, lay.pp)) == 36 and lay.gpus == 16
 
 
 def test_ranking_is_deterministic_and_sorted():
@@ -247,10 +253,11 @@ def test_layout_file_merges_validates_and_fits(path):
     for item in overrides:  # every key of the layout file took effect
         key, value = item.split("=", 1)
         section, field = key.split(".")
-        assert str(getattr(getattr(cfg, section), field)) == value, item
+        assert str(getattr(getattr(cfg, section), field)) == {"null": "None"}.get(value, value), item
     lay = P.layout_from_config(cfg, gpus)
     model = MODELS[name]
-    assert model.heads % lay.tp == 0 and model.kv_heads % lay.tp == 0 and model.layers % lay.pp == 0
+    assert model.heads % lay.tp == 0 and model.kv_heads % lay.tp == 0
+    assert sum(lay.split.stage_layers(model.layers, lay.pp)) == model.layers
     plan = P.plan(model, P.Workload.from_config(cfg), lay, H100)
     assert plan.feasible, plan.reason
 
@@ -324,7 +331,8 @@ def test_overrides_cli(capsys):
     assert P.main(["--overrides", str(path)]) == 0
     printed = capsys.readouterr().out.split()
     assert printed == layout_overrides(path)
-    assert "parallel.tensor_model_parallel_size=4" in printed
+    assert "parallel.tensor_model_parallel_size=2" in printed
+    assert "parallel.num_layers_in_first_pipeline_stage=3" in printed  # uneven stages: 3+9+9+9+9+9+9+7
 
 
 # ------------------------------------------------------------------------------------------- sweep

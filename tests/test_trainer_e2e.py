@@ -2,7 +2,8 @@
 SFT'd Qwen2.5-VL-architecture model, with its colocated rollout server as a child process.
 
     1. one process, 2 steps: metrics.jsonl and a `latest` checkpoint
-    2. DP=2 / TP=2 / PP=2 first-step loss == DP=1's (identical rollouts: the server's seed is per step)
+    2. DP=2 / TP=2 / PP=2 first-step loss == DP=1's (identical rollouts: the server's seed is per step);
+       uneven pipeline stages (1+2 layers) train, and resume at another split (2+1) and at PP=1
     3. two "nodes" on localhost through tools/launch/multinode.sh (DP=2)
     4. kill -9 mid-run, rerun: resumes from `latest` and replays the uninterrupted losses; half-written
        checkpoint directories are never loaded
@@ -321,6 +322,47 @@ def test_distributed_optimizer_resumes_and_matches_dp1(tiny, dp1_run):
     assert rel["train/loss"] <= 1e-4 and rel["grad_norm"] <= 1e-3, rel
 
 
+@pytest.fixture(scope="module")
+def tiny3(tiny) -> SimpleNamespace:
+    """A 3-layer model (uneven pipeline stages need one): the SFT'd 2-layer checkpoint plus a third decoder
+    layer at make_tiny_model's random init. Its weights are small (std 0.02), so rollouts keep their rewards
+    and the losses their signal without another SFT."""
+    from safetensors.torch import load_file, save_file
+
+    from tools.make_tiny_model import make_tiny_model
+
+    path = tiny.root / "tiny3"
+    make_tiny_model("qwen2_5_vl", str(path), seed=0, num_layers=3)
+    state = load_file(path / "model.safetensors")
+    sft = {k: v for f in sorted(tiny.model.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert set(sft) < set(state) and all(".layers.2." in k for k in set(state) - set(sft))
+    save_file(state | sft, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return SimpleNamespace(root=tiny.root, model=path, data=tiny.data)
+
+
+@pytest.mark.distributed
+def test_uneven_pipeline_stages_resume_across_splits(tiny3):
+    """PP=2 with 1+2 decoder layers (stage 0 also runs the vision tower) trains step 1 like one process; its
+    checkpoint resumes at 2+1 for step 2, whose checkpoint resumes at PP=1 for step 3: every step matches
+    the uninterrupted one-process run (Megatron checkpoints index layers globally; optimizer state too)."""
+    ref = _metrics(_train(tiny3, "split_ref", 1, "train.steps=3"))
+    assert abs(ref[0]["train/loss"]) > 1e-6, f"reference loss {ref[0]['train/loss']} is ~0: no signal to compare"
+    pp2 = "parallel.pipeline_model_parallel_size=2"
+    for steps, nproc, split, layers in ((1, 2, 1, "1+2"), (2, 2, 2, "2+1"), (3, 1, None, None)):
+        flags = [pp2, f"parallel.num_layers_in_first_pipeline_stage={split}"] if split else []
+        run = _train(tiny3, "split", nproc, f"train.steps={steps}", *flags)
+        log = (tiny3.root / "split.log").read_text()
+        assert (layers is None) == ("decoder layers per pipeline stage" not in log), log[-3000:]
+        assert layers is None or f"decoder layers per pipeline stage: {layers}" in log
+    rows = _metrics(run)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3] and all("data/skipped_rows" in r for r in rows)  # 3 runs
+    for got, want in zip(rows, ref):
+        assert got["reward/mean"] == want["reward/mean"], f"step {got['step']}: rollouts differ"
+        rel = {k: _rel(got[k], want[k]) for k in ("train/loss", "train/cal_loss", "grad_norm")}
+        print(f"\n[uneven pp, step {got['step']}] loss {got['train/loss']!r} vs dp1 {want['train/loss']!r}; rel {rel}")
+        assert rel["train/loss"] <= 1e-4 and rel["train/cal_loss"] <= 1e-4 and rel["grad_norm"] <= 1e-3, rel
+
+
 # ------------------------------------------------------------------------------------------ 3. two nodes
 
 
@@ -490,7 +532,10 @@ def test_nan_reward_names_the_sample(tiny, monkeypatch):
     class FakeClient:
         nan_at = None  # (prompt index, sample index) whose reward comes out NaN
 
-        def generate(self, prompts, params):
+        def check_servers(self):
+            pass
+
+        def generate(self, prompts, params, seed=None):
             return [Sample(prompt_index=i, sample_index=j, output_ids=[11, 12, 13], logprobs=[-0.5] * 3,
                            text="NAN" if (i, j) == self.nan_at else "<think>x</think><answer>1</answer>",
                            finish_reason="stop", weight_version=0, prompt_tokens=0)
@@ -519,7 +564,10 @@ def test_dapo_overlong_penalty_enters_the_reward(tiny):
     from rollout.client import Sample
 
     class FakeClient:  # sample j of each prompt has 10 * (j + 1) tokens, all correct and well formatted
-        def generate(self, prompts, params):
+        def check_servers(self):
+            pass
+
+        def generate(self, prompts, params, seed=None):
             return [Sample(prompt_index=i, sample_index=j, output_ids=[11] * (10 * (j + 1)), logprobs=[-0.5] * 10 * (j + 1),
                            text="<think>x</think><answer>1</answer>", finish_reason="stop", weight_version=0,
                            prompt_tokens=0) for i in range(len(prompts)) for j in range(params["n"])]

@@ -40,19 +40,6 @@ def test_server_logprobs_match_megatron_after_sync(tiny, tmp_path, tp, pp, metho
         assert r["max_abs_diff"] <= 1e-4, r
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_distributed_sync_from_torchrun_trainer(tiny, tmp_path, tp, pp):
-    """method "distributed": the pusher(s) host a gloo group (one per PP stage) that the server joins via
-    /init_weights_update_group, then broadcast every bucket after /update_weights_from_distributed."""
-    results = run_torchrun("weight_sync_worker.py", tp * pp, tmp_path, "--model", str(tiny), "--tp", str(tp),
-                           "--pp", str(pp), "--method", "distributed", timeout=400)
-    last = [r for r in results if r["last_stage"]]
-    assert last, results
-    for r in last:
-        assert r["versions"] == [7, 7, 7]
-        assert r["max_abs_diff"] <= 1e-4, r
-
-
 # --------------------------------------------------------------------------------------------------
 # The embedded server's collective routes, driven by hand from this process (rank 0 of the group).
 # --------------------------------------------------------------------------------------------------
@@ -123,8 +110,8 @@ def test_distributed_routes_validate_and_reinit(server, tiny):
         # token equally likely, so the server's log-probs become exactly -log(vocab).
         t0 = time.perf_counter()
         answer = _send(client, group, "g", {"lm_head.weight": torch.zeros(shape, dtype=torch.bfloat16)}, 11)
-        assert answer["weight_version"] == 11 and answer["success"]
-        assert client.get_model_info()[0]["weight_version"] == 11
+        assert answer["weight_version"] == "11" and answer["success"]
+        assert client.get_model_info()[0]["weight_version"] == "11"
         assert max(abs(lp + math.log(vocab)) for lp in _greedy_logprobs(client)) < 1e-4
 
         # Destroy, then the name is unknown; re-initialise on a fresh port and push the whole model.
@@ -137,7 +124,7 @@ def test_distributed_routes_validate_and_reinit(server, tiny):
         t1 = time.perf_counter()
         answer = _send(client, group, "g", weights, 12)
         full_s = time.perf_counter() - t1
-        assert answer["weight_version"] == 12
+        assert answer["weight_version"] == "12"
         assert max(abs(lp + math.log(vocab)) for lp in _greedy_logprobs(client)) > 1e-3  # lm_head is back
         mb = sum(t.numel() * t.element_size() for t in weights.values()) / 2**20
         print(f"\ndistributed sync (gloo, loopback): {len(weights)} tensors, {mb:.2f} MB in {full_s * 1e3:.1f} ms; "

@@ -3,6 +3,12 @@
     calibrl convert hf-to-mcore --hf-dir D --out-dir O --tp 2 --pp 1 [--dtype fp32|bf16]
     calibrl convert mcore-to-hf --mcore-dir O --out-dir H [--hf-config-from D] [--tp N --pp M]
     calibrl convert verify      --hf-dir D --mcore-dir O --tp 1 --pp 2 [--tol 1e-4]
+    (any command) --pp 2 --num-layers-in-first-pipeline-stage 1 [--num-layers-in-last-pipeline-stage N]
+
+Uneven pipeline stages: the two flags are Megatron's `num_layers_in_{first,last}_pipeline_stage` (the
+trainer's `parallel.*` keys). Without them a --pp that does not divide the decoder layers gets the most
+balanced uneven split (e.g. 1+2 for --pp 2 on 3 layers); the checkpoint is the same whichever split wrote
+it (global layer indices), so any command reads it at any TP / PP / split.
 
 Launch: a command needs TP x PP processes. Run plainly, it starts `torchrun` itself (or runs in-process
 when TP x PP = 1); run under your own `torchrun --nproc_per_node TPxPP -m tools.convert_checkpoint ...`
@@ -48,6 +54,7 @@ from tools.convert.stage import (
     Stage,
     build_stage,
     check_layout,
+    pipeline_split,
     plan_groups,
     read_hf_config,
 )
@@ -74,6 +81,7 @@ __all__ = [  # the public names of this module before the split, for `from tools
     "megatron_logits",
     "merge_parts",
     "parse_args",
+    "pipeline_split",
     "plan_groups",
     "read_hf_config",
     "save_part",
@@ -142,6 +150,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for p in (to_mcore, to_hf, check):
         p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the Megatron side")
         p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the Megatron side")
+        p.add_argument("--num-layers-in-first-pipeline-stage", type=int, metavar="N",
+                       help="decoder layers on the first PP stage (default: even, or balanced when --pp does not "
+                            "divide the layers)")  # fmt: skip
+        p.add_argument("--num-layers-in-last-pipeline-stage", type=int, metavar="N",
+                       help="decoder layers on the last PP stage")
     to_hf.add_argument(
         "--hf-config-from", type=Path, help="HF dir for config/tokenizer (default <mcore>/hf_config)"
     )
@@ -167,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 read_hf_config(getattr(args, "hf_dir", None) or _hf_files_source(args), flag),
                 args.tp,
                 args.pp,
+                pipeline_split(args),
             )
             if tmp is not None and args.out_dir.exists() and not args.overwrite:
                 raise ConvertError(f"--out-dir {args.out_dir} exists: remove it or pass --overwrite")

@@ -228,6 +228,7 @@ def run_suite(
                 started.result()
         pipeline = PILImagePipeline(max_pixels=max_pixels)
         with RolloutClient(server_urls, api_key=api_key or None, timeout=timeout_s) as client:
+            client.check_servers()
             for name, items in datasets.items():
                 t0 = time.perf_counter()
                 pred_path = out / "predictions" / f"{name}.jsonl"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +42,7 @@ from calibrl_mcore.trainer.policy import MegatronPolicy, MicroBatch
 from calibrl_mcore.trainer.rollout_stage import PromptEncoder, RolloutFailure, RolloutStage
 from calibrl_mcore.trainer.row_plan import assign_rows
 from calibrl_mcore.trainer.weight_sync import WeightSync, sync_method
+from model_providers.pipeline_split import PipelineSplit
 from model_providers.registry import position_ids
 from rollout.client import RolloutClient
 from rollout.launcher import start_rollout_server
@@ -57,7 +59,8 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         total_updates = cfg.train.steps * cfg.train.mini_batches_per_step
         self.policy = MegatronPolicy(cfg.model, cfg.optim, total_steps=total_updates,
-                                     sequence_parallel=cfg.parallel.sequence_parallel)
+                                     sequence_parallel=cfg.parallel.sequence_parallel,
+                                     pipeline_split=PipelineSplit.from_section(cfg.parallel))
         self.position_ids = lambda ids, grid, attn: position_ids(self.policy.hf_config, ids, grid, attn)
         self.dataset = PromptDataset.from_path(cfg.data.train_path, max_images=cfg.data.max_images,
                                                seed=cfg.data.seed)
@@ -72,7 +75,10 @@ class Trainer:
         if self.is_rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if not urls[0]:  # colocated: we start the server ourselves, a child process on loopback
-                self.server = start_rollout_server(cfg.rollout, cfg.model.hf_path, self.run_dir)
+                method = sync_method(cfg.rollout.weight_sync_method, cfg.rollout.engine)
+                trainer_gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if torch.cuda.is_available() else 0
+                self.server = start_rollout_server(cfg.rollout, cfg.model.hf_path, self.run_dir, method=method,
+                                                   trainer_gpus=trainer_gpus)
                 urls = [[self.server.url]]
             client = RolloutClient(urls[0], api_key=cfg.rollout.api_key or None, timeout=cfg.rollout.timeout_s,
                                    max_retries=cfg.rollout.max_retries)

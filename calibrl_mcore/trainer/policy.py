@@ -19,6 +19,7 @@ exactly the single-process gradient.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,9 +41,11 @@ from calibrl_mcore.parallel.fused import log_fused_backends
 from model_providers.context_parallel import cp_pad_multiple, cp_size_rank, split_for_cp
 from model_providers.hf_mapping import Placement, gather_megatron_to_hf, get_mapping, load_hf_weights
 from model_providers.packing import PackedLayout
+from model_providers.pipeline_split import EVEN, PipelineSplit
 from model_providers.registry import build_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -117,6 +120,7 @@ class MegatronPolicy:
         *,
         total_steps: int = 1,
         sequence_parallel: bool = False,
+        pipeline_split: PipelineSplit = EVEN,
     ) -> None:
         self.hf_config = read_hf_config(model_cfg.hf_path)
         self.arch = self.hf_config.model_type
@@ -133,6 +137,7 @@ class MegatronPolicy:
             sequence_parallel=sequence_parallel,
             packed_sequences=model_cfg.packed_sequences,
             compile_layers=model_cfg.compile,
+            pipeline_split=pipeline_split,
         )
         self.mapping = get_mapping(self.arch, self.hf_config, model.backend)
         self.placement = Placement.from_parallel_state(model.config)
@@ -164,6 +169,10 @@ class MegatronPolicy:
             self._build_optimizer(optim_cfg, total_steps)
         if torch.distributed.get_rank() == 0:
             log_fused_backends(spec_backend=model.backend)  # which Adam / norm kernels run, and why
+            pp = parallel_state.get_pipeline_model_parallel_world_size()
+            if pp > 1:
+                log.info("decoder layers per pipeline stage: %s",
+                         pipeline_split.describe(self.hf_config.text_config.num_hidden_layers, pp))
 
     # -- optimizer -----------------------------------------------------------------------------------------
 

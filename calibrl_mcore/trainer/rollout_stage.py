@@ -124,12 +124,13 @@ class RolloutStage:
     def __init__(self, cfg: RolloutConfig, algo: AlgoConfig, model_path: str, client: RolloutClient,
                  image_backend: str = "processor") -> None:
         self.cfg, self.algo, self.client = cfg, algo, client
+        client.check_servers()  # a server without the routes fails here, not with a 404 mid-run
         self.encoder = PromptEncoder(model_path, image_backend)
         self.pad_id = self.encoder.pad_id
 
-    def _generate(self, prompts: list[dict], params: dict) -> list:
+    def _generate(self, prompts: list[dict], params: dict, seed: int | None = None) -> list:
         try:
-            return self.client.generate(prompts, params)
+            return self.client.generate(prompts, params, seed=seed)
         except (RolloutRequestError, OSError) as exc:
             raise RolloutFailure(str(exc)) from exc
 
@@ -145,9 +146,10 @@ class RolloutStage:
             "top_p": self.cfg.top_p,
             "top_k": self.cfg.top_k,
             "n": self.cfg.n_samples,
-            "seed": 1_000_003 * (step + 1) + 7_919 * round_index,
         }
-        samples = self._generate([{"text": p.text, "image_data": p.images} for p in inputs], params)
+        # The seed travels as one `sampling_seed` per sample (rollout/client.py: SGLang has no `seed`).
+        seed = 1_000_003 * (step + 1) + 7_919 * round_index
+        samples = self._generate([{"text": p.text, "image_data": p.images} for p in inputs], params, seed)
         rollout_s = time.perf_counter() - t0
         rows: list[Row] = []
         gen_tokens = n_cut = overlong = 0

@@ -24,6 +24,7 @@ from calibrl_mcore.trainer.metrics import MetricsLogger, from_last_stage, reduce
 from calibrl_mcore.trainer.objective import sft_loss_fn
 from calibrl_mcore.trainer.policy import MegatronPolicy
 from calibrl_mcore.trainer.rollout_stage import PromptEncoder
+from model_providers.pipeline_split import PipelineSplit
 from model_providers.registry import position_ids
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ def _sft(cfg: Config, is_rank0: bool) -> Path:
     out_dir = Path(cfg.sft.out_dir or run_dir / "sft_hf")
     optim = replace(cfg.optim, lr=cfg.sft.lr, lr_schedule="constant", warmup_steps=0)
     policy = MegatronPolicy(cfg.model, optim, total_steps=cfg.sft.steps,
-                            sequence_parallel=cfg.parallel.sequence_parallel)
+                            sequence_parallel=cfg.parallel.sequence_parallel,
+                            pipeline_split=PipelineSplit.from_section(cfg.parallel))
     pos = lambda ids, grid, attn: position_ids(policy.hf_config, ids, grid, attn)  # noqa: E731
     dataset = PromptDataset.from_path(cfg.data.train_path, max_images=cfg.data.max_images, seed=cfg.data.seed)
     sampler = PromptSampler(len(dataset), seed=cfg.data.seed)

@@ -49,14 +49,16 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 def sync_method(method: str, engine: str) -> str:
     """`rollout.weight_sync_method` -> the method for a server of `engine` (auto: tensor for the embedded
-    engine; disk for SGLang/vLLM, since "distributed" needs NCCL between the trainer's and the servers'
-    GPUs, which only the operator knows is there)."""
-    if method == "auto":
+    engine; disk for SGLang, since "distributed" needs NCCL between the trainer's and the servers'
+    GPUs, which only the operator knows is there). vLLM is refused (rollout/engines/vllm.py)."""
+    if method == "auto" and engine != "vllm":
         return "tensor" if engine == "embedded" else "disk"
+    if engine == "vllm":
+        from rollout.engines.vllm import check_vllm
+
+        check_vllm("rollout.engine=vllm")
     if method not in METHODS:
         raise ValueError(f"rollout.weight_sync_method={method!r} is not one of auto, {', '.join(METHODS)}")
-    if engine == "vllm" and method != "disk":
-        raise ValueError(f"rollout.weight_sync_method={method!r}: a vLLM server only reloads from disk")
     if engine == "sglang" and method == "tensor":
         raise ValueError(
             "rollout.weight_sync_method='tensor' is the embedded server's safetensors route; "

@@ -158,6 +158,7 @@ class ExternalServer:
         max_restarts: int = 3,
         require_installed: bool = True,  # False only for tests / printing the command
         log_path: str | None = None,  # server stdout/stderr go here (appended); None = inherited
+        base_gpu_id: int = 0,  # first of the tp_size GPUs the server uses (see launcher.server_base_gpu)
     ) -> None:
         if require_installed:
             _require_package(self.package)
@@ -166,6 +167,7 @@ class ExternalServer:
         self.extra_args = tuple(extra_args)
         self.health_timeout, self.max_restarts = health_timeout, max_restarts
         self.log_path = log_path
+        self.base_gpu_id = base_gpu_id
         self.restarts = 0
         self.process: Any = None  # subprocess.Popen once started
 

@@ -26,8 +26,12 @@ class SGLangServer(ExternalServer):
     package = "sglang"
 
     def command(self) -> list[str]:
+        # --enable-deterministic-inference: only with it does SGLang act on each request's
+        # `sampling_seed`, which is how the trainer's rollouts stay reproducible (rollout/client.py).
+        # --base-gpu-id: GPUs of its own, never a trainer rank's (launcher.server_base_gpu).
         cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", self.model_path,
-               "--host", self.host, "--port", str(self.port), "--tp-size", str(self.tp_size)]
+               "--host", self.host, "--port", str(self.port), "--tp-size", str(self.tp_size),
+               "--base-gpu-id", str(self.base_gpu_id), "--enable-deterministic-inference"]
         if self.mem_fraction_static is not None:
             cmd += ["--mem-fraction-static", str(self.mem_fraction_static)]
         if self.context_length is not None:

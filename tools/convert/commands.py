@@ -11,7 +11,15 @@ from pathlib import Path
 
 from tools.convert.dist_ckpt import CheckpointReader, merge_parts, save_part
 from tools.convert.hf_reader import HFCheckpoint, check_hf_tensors, convert_param
-from tools.convert.stage import DTYPES, ConvertError, _is_tensor, build_stage, plan_groups, read_hf_config
+from tools.convert.stage import (
+    DTYPES,
+    ConvertError,
+    _is_tensor,
+    build_stage,
+    pipeline_split,
+    plan_groups,
+    read_hf_config,
+)
 
 COMPLETE = "COMPLETE"
 
@@ -58,7 +66,7 @@ def hf_to_mcore(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     hf_config = read_hf_config(args.hf_dir, "--hf-dir")
-    stage = build_stage(hf_config, getattr(torch, DTYPES[args.dtype]))
+    stage = build_stage(hf_config, getattr(torch, DTYPES[args.dtype]), pipeline_split(args))
     ckpt = HFCheckpoint(args.hf_dir, stage.mapping)
     check_hf_tensors(ckpt, stage)
     tmp = _staging(args.out_dir, args.overwrite)
@@ -79,7 +87,8 @@ def hf_to_mcore(args: argparse.Namespace) -> None:
         shutil.rmtree(tmp / "parts")
         _copy_hf_files(args.hf_dir, tmp / "hf_config")
         meta = dict(source=str(args.hf_dir), arch=hf_config.model_type, dtype=args.dtype, spec="local",
-                    tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)  # fmt: skip
+                    tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+                    **stage.split.config_kwargs())  # fmt: skip
         (tmp / "convert.json").write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / COMPLETE).write_text("hf-to-mcore\n")
         _publish(tmp, args.out_dir)
@@ -107,7 +116,8 @@ def mcore_to_hf(args: argparse.Namespace) -> None:
     from model_providers.hf_mapping import gather_megatron_to_hf
 
     src = _hf_files_source(args)
-    stage = build_stage(read_hf_config(src, "--hf-config-from"), torch.float32)  # dtypes: the checkpoint's
+    # dtypes: the checkpoint's; the split: any (the checkpoint's layers are global, resharded on read)
+    stage = build_stage(read_hf_config(src, "--hf-config-from"), torch.float32, pipeline_split(args))
     reader = CheckpointReader(args.mcore_dir / "megatron")
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else reader.main_dtype()
     tmp = _staging(args.out_dir, args.overwrite)

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+SPLIT_FLAGS = ("--num-layers-in-first-pipeline-stage", "--num-layers-in-last-pipeline-stage", "--pp")
+"""The uneven-pipeline flags and the PP flag, as `PipelineSplit` errors name them."""
 
 
 class ConvertError(Exception):
@@ -35,8 +37,22 @@ def read_hf_config(path: Path, flag: str):
     return AutoConfig.from_pretrained(path)
 
 
-def check_layout(hf_config, tp: int, pp: int) -> None:
-    """TP must divide the attention heads and KV groups (text and vision), PP the decoder layers."""
+def pipeline_split(args: Any):
+    """The uneven-pipeline flags of a command (`PipelineSplit`; both unset = even or, see `check_layout`, chosen)."""
+    from model_providers.pipeline_split import PipelineSplit
+
+    return PipelineSplit(args.num_layers_in_first_pipeline_stage, args.num_layers_in_last_pipeline_stage)
+
+
+def check_layout(hf_config, tp: int, pp: int, split=None):
+    """TP must divide the attention heads and KV groups (text and vision); returns the pipeline split to use.
+
+    `split` (a `PipelineSplit`, default even) must fit the decoder layers. Without one, when PP does not divide
+    the layers, the most balanced uneven split is used (`balanced_split`): the split only decides which rank
+    converts which layers; the checkpoint indexes layers globally and reloads at any split.
+    """
+    from model_providers.pipeline_split import EVEN, PipelineSplitError, balanced_split
+
     text, vision = hf_config.text_config, hf_config.vision_config
     fields = {
         "text_config.num_attention_heads": text.num_attention_heads,
@@ -49,11 +65,15 @@ def check_layout(hf_config, tp: int, pp: int) -> None:
     for field, value in fields.items():
         if value is not None and value % tp:
             raise ConvertError(f"--tp {tp} does not divide {field}={value}: pick a TP that divides it")
-    if text.num_hidden_layers % pp:
-        raise ConvertError(
-            f"--pp {pp} does not divide text_config.num_hidden_layers={text.num_hidden_layers}: "
-            "pick a PP that divides it (every stage holds the same number of decoder layers)"
-        )
+    layers = text.num_hidden_layers
+    split = split or EVEN
+    if not split.uneven and layers % pp and pp <= layers:
+        split = balanced_split(layers, pp)
+    try:
+        split.stage_layers(layers, pp, SPLIT_FLAGS)
+    except PipelineSplitError as err:
+        raise ConvertError(f"{err} (text_config.num_hidden_layers={layers})") from None
+    return split
 
 
 # ---- this rank's stage on the meta device, and its groups ------------------------------------------------
@@ -67,25 +87,25 @@ class Stage:
     mapping: Any
     placement: Any
     items: list[tuple[str, Any]]  # (state-dict name, ShardedTensor | ShardedTensorFactory | ShardedObject)
+    split: Any  # the PipelineSplit the stages were built with (check_layout)
 
 
-def build_stage(hf_config, dtype, *, meta: bool = True) -> Stage:
+def build_stage(hf_config, dtype, split=None, *, meta: bool = True) -> Stage:
+    """This rank's stage; `split`: the command's uneven-pipeline flags (`pipeline_split(args)`)."""
     import torch
     from megatron.core import parallel_state as ps
 
     from model_providers.hf_mapping import Placement, get_mapping
     from model_providers.registry import build_model
 
-    check_layout(
-        hf_config, ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    )
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    split = check_layout(hf_config, tp, pp, split)
     with torch.device("meta" if meta else "cpu"):
         model = build_model(hf_config, params_dtype=dtype, pre_process=ps.is_pipeline_first_stage(),
-                            post_process=ps.is_pipeline_last_stage(), spec="local")  # fmt: skip
+                            post_process=ps.is_pipeline_last_stage(), spec="local", pipeline_split=split)  # fmt: skip
     mapping = get_mapping(hf_config.model_type, hf_config, model.backend)  # the builder registered it
-    return Stage(
-        model, mapping, Placement.from_parallel_state(model.config), list(model.sharded_state_dict().items())
-    )
+    placement = Placement.from_parallel_state(model.config)
+    return Stage(model, mapping, placement, list(model.sharded_state_dict().items()), split)
 
 
 def _is_tensor(sh) -> bool:

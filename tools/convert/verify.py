@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from tools.convert.commands import _hf_files_source
-from tools.convert.stage import DTYPES, ConvertError, build_stage, read_hf_config
+from tools.convert.stage import DTYPES, ConvertError, build_stage, pipeline_split, read_hf_config
 
 
 def verify_inputs(hf_dir: Path) -> dict[str, dict]:
@@ -67,7 +67,8 @@ def verify(args: argparse.Namespace) -> None:
     _hf_files_source(args)
     hf_config = read_hf_config(args.hf_dir, "--hf-dir")
     dtype = getattr(torch, DTYPES[args.dtype])
-    model = build_stage(hf_config, dtype, meta=False).model.eval()
+    stage = build_stage(hf_config, dtype, pipeline_split(args), meta=False)
+    model = stage.model.eval()
     state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(args.mcore_dir / "megatron"))
     model.load_state_dict(state["model"])  # Megatron's own loader: what the trainer does
     cases = verify_inputs(args.hf_dir)
@@ -87,12 +88,13 @@ def verify(args: argparse.Namespace) -> None:
     dist.all_gather_object(gathered, diffs)
     diffs = next(d for d in gathered if d)
     if dist.get_rank() == 0:
+        layers = stage.split.stage_layers(hf_config.text_config.num_hidden_layers, args.pp)
         for case, diff in diffs.items():
-            print(f"verify {case}: max |dlogits| = {diff:.3e} (tol {args.tol:g}, TP={args.tp} PP={args.pp})")
+            print(f"verify {case}: max |dlogits| = {diff:.3e} (tol {args.tol:g}, TP={args.tp} PP={args.pp}, "
+                  f"decoder layers per stage {'+'.join(map(str, layers))})")
         if args.report:
-            args.report.write_text(
-                json.dumps({"tp": args.tp, "pp": args.pp, "max_abs_diff": diffs}, indent=2)
-            )
+            report = {"tp": args.tp, "pp": args.pp, "stage_layers": layers, "max_abs_diff": diffs}
+            args.report.write_text(json.dumps(report, indent=2))
     if not max(diffs.values()) <= args.tol:
         raise ConvertError(
             f"logits differ by {max(diffs.values()):.3e} > --tol {args.tol:g}: the checkpoint does "

@@ -117,7 +117,16 @@ class ModelShape:
     def train_flops_per_token(self, seq: float) -> float:
         """Forward + backward FLOPs per text token: 6·N_matmul + 12·L·d_q·s (PaLM's MFU convention:
         the attention term counts the full s×s score matrix, as shared/GPU.md's MFU column does)."""
-        return 6.0 * self.matmul_params + 12.0 * self.layers * self.q_dim * seq
+        return self.layers * self.layer_train_flops_per_token(seq) + self.head_train_flops_per_token
+
+    def layer_train_flops_per_token(self, seq: float) -> float:
+        """One decoder layer's share of `train_flops_per_token` (what a pipeline stage computes per layer)."""
+        return 6.0 * self.layer_params + 12.0 * self.q_dim * seq
+
+    @property
+    def head_train_flops_per_token(self) -> float:
+        """The LM head's share (the last pipeline stage's)."""
+        return 6.0 * self.vocab * self.hidden
 
     def vision_train_flops_per_patch(self, patches: float) -> float:
         """Forward + backward FLOPs per ViT patch (attention over `patches`; windowed layers count less

@@ -12,13 +12,15 @@ old/expert log-prob forward, the mini-batch updates, the weight push. Per GPU it
 
     memory  weights 2 B/param, fp32 grads 4 B/param (our DDP: grad_reduce_in_fp32), Adam fp32 master+m+v
             12 B/param (/DP·CP with the distributed optimizer), activations of the in-flight micro-batches
-            at micro_batch × (max prompt + max response) tokens (1F1B: stage 0 holds min(PP, m) of them),
-            the vision tower's, the fp32 logits of the last stage, the rollout engine's weights and its
+            at micro_batch × (max prompt + max response) tokens (1F1B: stage i holds min(PP − i, m) of them;
+            the worst stage counts), the vision tower's (stage 0), the fp32 logits of the last stage, the rollout engine's weights and its
             KV cache L·2·kv_heads·head_dim·tokens_in_flight·2 B / min(rollout TP, kv_heads), fixed overheads;
     time    generation (prefill FLOPs; decode steps = max(max_new_tokens, tokens/concurrency), each reading
             the weight shard once plus the KV of the running sequences from HBM), log-prob forward
             (2·N FLOPs/token), training (6·N + attention, +2·N with full recompute) at `mfu` of peak, TP
-            all-reduces (2 per layer forward, 2 backward, over NVLink), the PP bubble (p−1)/(m+p−1), the DP
+            all-reduces (2 per layer forward, 2 backward, over NVLink), per pipeline stage (its decoder layers;
+            stage 0 the ViT, the last the LM head) through 1F1B: (Σ T_i + (m − 1)·max T_i)/m, the decoder
+            split of each layout chosen by tools/scaling/pipeline_stages.py (Megatron's uneven stages), the DP
             gradient all-reduce / reduce-scatter per optimizer step (NVLink inside a node, IB across), the
             optimizer update (HBM bound), the weight sync and the data plane (tools/scaling/data_plane.py:
             each DP replica receives and encodes only its rows; also the host memory per rank). The vision tower is replicated over CP (its
@@ -41,8 +43,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python tools/scaling/planner.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from model_providers.pipeline_split import EVEN, PipelineSplit  # noqa: E402
 from tools.scaling.data_plane import data_plane_cost  # noqa: E402
 from tools.scaling.models import ModelShape, get_model  # noqa: E402
+from tools.scaling.pipeline_stages import StageCost, choose_split, format_split_gain, pipelined_s  # noqa: E402
 
 GiB = 1024**3
 
@@ -155,6 +159,7 @@ class Layout:
     sequence_parallel: bool = False
     rollout_tp: int = 1
     rollout_mem_fraction: float | None = None  # None: the KV cache takes what training leaves
+    split: PipelineSplit = EVEN  # decoder layers of the first / last PP stage (parallel.num_layers_in_*)
 
     @property
     def gpus(self) -> int:
@@ -174,6 +179,13 @@ class Plan:
     concurrency: int  # sequences per rollout engine in flight
     feasible: bool
     reason: str = ""
+    stages: tuple[int, ...] = ()  # decoder layers per pipeline stage
+
+    @property
+    def layout_name(self) -> str:
+        """`tp2-pp4-dp1`, with the layers per stage when they are uneven: `tp2-pp4-dp1 [4+8+8+8]`."""
+        uneven = len(set(self.stages)) > 1
+        return self.layout.name + (f" [{'+'.join(map(str, self.stages))}]" if uneven else "")
 
     @property
     def step_s(self) -> float:
@@ -183,17 +195,13 @@ class Plan:
 # ------------------------------------------------------------------------------------------- memory
 
 
-def stage_params(model: ModelShape, tp: int, pp: int) -> tuple[float, float]:
-    """(first, last) pipeline stage parameters per GPU. Stage 0 holds the embedding and the vision tower,
-    the last stage the LM head (a copy of a tied embedding when PP > 1) and the final norm. Everything
+def stage_params(model: ModelShape, tp: int, pp: int, split: PipelineSplit = EVEN) -> list[float]:
+    """Parameters per GPU of each pipeline stage: its decoder layers; stage 0 also the embedding and the vision
+    tower, the last stage the LM head (a copy of a tied embedding when PP > 1) and the final norm. Everything
     counts as TP-split (the replicated norms are < 0.1 %)."""
-    body = model.layers / pp * model.layer_params
     head = model.vocab * model.hidden if (not model.tied_embeddings or pp > 1) else 0
-    first = body + model.embedding_params + model.vision_params
-    last = body + head + model.hidden
-    if pp == 1:
-        first = last = first + head + model.hidden
-    return first / tp, last / tp
+    cost = StageCost(model.layer_params, model.embedding_params + model.vision_params, head + model.hidden)
+    return [p / tp for p in cost.stages(split.stage_layers(model.layers, pp))]
 
 
 def activation_bytes_per_token_layer(model: ModelShape, tp: int, sp: bool) -> float:
@@ -214,29 +222,29 @@ def micro_batches_per_rank(w: Workload, lay: Layout) -> int:
 
 
 def training_memory(model: ModelShape, w: Workload, lay: Layout, a: Assumptions) -> dict[str, float]:
-    first, last = stage_params(model, lay.tp, lay.pp)
+    """GiB per component on the worst pipeline stage. 1F1B keeps min(PP − i, m) micro-batches in flight on
+    stage i: stage 0 the most, with the vision tower's activations; the last stage one, with the logits."""
+    layers = lay.split.stage_layers(model.layers, lay.pp)
+    params = stage_params(model, lay.tp, lay.pp, lay.split)
     shard = lay.dp * lay.cp if lay.distributed_optimizer else 1
     tokens = w.micro_batch * (w.max_prompt + w.max_response) / lay.cp  # one micro-batch on this GPU
     per_layer = activation_bytes_per_token_layer(model, lay.tp, lay.sequence_parallel)
-    layers = model.layers / lay.pp
     full = lay.recompute == "full"
     stored = 2 * model.hidden / (lay.tp if lay.sequence_parallel else 1) if full else per_layer
     working = per_layer * tokens if full else 0.0  # one layer recomputed during backward
-    inflight = min(lay.pp, micro_batches_per_rank(w, lay))
+    m = micro_batches_per_rank(w, lay)
     vis = 0.0
     if model.vision is not None and w.image_tokens:
         patches = w.micro_batch * w.image_tokens * model.vision.patches_per_token
         vp = vision_bytes_per_patch_layer(model, lay.tp)
         vis_stored = 2 * model.vision.hidden if full else vp
-        vis = inflight * patches * model.vision.layers * vis_stored + (vp * patches if full else 0.0)
-    act_first = inflight * tokens * layers * stored + working
-    act_last = tokens * layers * stored + working
+        vis = min(lay.pp, m) * patches * model.vision.layers * vis_stored + (vp * patches if full else 0.0)
     logits = tokens * model.vocab / lay.tp * a.logits_bytes
-    stage0 = {"weights": 2 * first, "grads": 4 * first, "optimizer": 12 * first / shard,
-              "activations": act_first, "vision_act": vis, "logits": logits if lay.pp == 1 else 0.0}
-    stageN = {"weights": 2 * last, "grads": 4 * last, "optimizer": 12 * last / shard,
-              "activations": act_last, "vision_act": 0.0, "logits": logits}
-    worst = max((stage0, stageN), key=lambda d: sum(d.values()))
+    stages = [{"weights": 2 * p, "grads": 4 * p, "optimizer": 12 * p / shard,
+               "activations": min(lay.pp - i, m) * tokens * n * stored + working,
+               "vision_act": vis if i == 0 else 0.0, "logits": logits if i == lay.pp - 1 else 0.0}
+              for i, (n, p) in enumerate(zip(layers, params))]  # fmt: skip
+    worst = max(stages, key=lambda d: sum(d.values()))
     return {k: v / GiB for k, v in worst.items()}
 
 
@@ -271,7 +279,7 @@ def plan(model: ModelShape, w: Workload, lay: Layout, hw: Hardware, a: Assumptio
         reason = f"KV cache fits only {conc} sequences per engine"
     elif mem["total"] > budget:
         reason = f"{mem['total']:.0f} GiB > {budget:.0f} GiB"
-    return Plan(lay, mem, time, conc, not reason, reason)
+    return Plan(lay, mem, time, conc, not reason, reason, tuple(lay.split.stage_layers(model.layers, lay.pp)))
 
 
 # ------------------------------------------------------------------------------------------- time
@@ -304,42 +312,54 @@ def generation_s(model: ModelShape, w: Workload, lay: Layout, hw: Hardware, a: A
     return prefill + steps * t0 + per_seq * seqs * w.avg_response
 
 
-def pass_s(model: ModelShape, w: Workload, lay: Layout, hw: Hardware, a: Assumptions, *, backward: bool) -> float:
-    """Training (backward=True: all mini-batches) or the forward-only log-prob pass(es)."""
+def stage_compute(model: ModelShape, w: Workload, lay: Layout, hw: Hardware, a: Assumptions, *,
+                  backward: bool) -> tuple[StageCost, int]:
+    """(seconds each pipeline stage computes in the pass: per decoder layer (FLOPs + its TP all-reduces) +
+    stage 0's vision tower + the last stage's LM head; micro-batches per DP rank and mini-batch) for training
+    (backward=True: all mini-batches) or the forward-only log-prob pass(es)."""
     rows = w.trained_rows if backward else w.forward_rows * w.forward_passes
     seq, peak = w.avg_seq, hw.peak_bf16_tflops * 1e12
-    per_token = model.train_flops_per_token(seq)
-    if not backward:
-        per_token /= 3
-    elif lay.recompute == "full":
-        per_token *= 4 / 3  # the forward again
-    flops = rows * seq * per_token
-    vis_flops = 0.0
+    scale = (4 / 3 if lay.recompute == "full" else 1.0) if backward else 1 / 3  # full: the forward again
+    stage_gpus = lay.tp * lay.cp * lay.dp
+    token_s = rows * seq * scale / (stage_gpus * peak * a.mfu)
+    vis_s = 0.0
     if model.vision is not None and w.avg_image_tokens:
         patches = w.avg_image_tokens * model.vision.patches_per_token
-        vis = rows * patches * model.vision_train_flops_per_patch(patches)
-        vis_flops = vis * ((4 / 3 if lay.recompute == "full" else 1.0) if backward else 1 / 3)
-    # the ViT is replicated over CP (model_providers/context_parallel.py): every CP rank runs all the patches
-    compute = flops / (lay.gpus * peak * a.mfu) + vis_flops * lay.cp / (lay.gpus * peak * a.vision_mfu)
-    # pipeline bubble
-    m = micro_batches_per_rank(w, lay) if backward else max(1, math.ceil(rows / lay.dp / w.micro_batch))
-    compute *= (m + lay.pp - 1) / m
+        vis = rows * patches * model.vision_train_flops_per_patch(patches) * scale
+        # the ViT is replicated over CP (model_providers/context_parallel.py): every CP rank runs all the patches
+        vis_s = vis * lay.cp / (stage_gpus * peak * a.vision_mfu)
     # TP all-reduces: 2 per layer forward, 2 backward (+2 for the recomputed forward), per micro-batch
     mbs_per_rank = math.ceil(rows / lay.dp / w.micro_batch)
     calls = 2 * ((3 if lay.recompute == "full" else 2) if backward else 1)
-    msg = w.micro_batch * seq / lay.cp * model.hidden * 2
-    ar = _allreduce_s(msg, lay.tp, hw.nvlink_busbw_gbps, hw.collective_latency_us)
-    tp = mbs_per_rank * model.layers / lay.pp * calls * ar
+    ar = _allreduce_s(_boundary_bytes(model, w, lay), lay.tp, hw.nvlink_busbw_gbps, hw.collective_latency_us)
+    layer_s = token_s * model.layer_train_flops_per_token(seq) + mbs_per_rank * calls * ar
+    m = micro_batches_per_rank(w, lay) if backward else max(1, mbs_per_rank)
+    return StageCost(layer_s, vis_s, token_s * model.head_train_flops_per_token), m
+
+
+def _boundary_bytes(model: ModelShape, w: Workload, lay: Layout) -> float:
+    """A micro-batch's hidden states [s/CP, b, h] in bf16: a TP all-reduce's message, a PP send before /TP."""
+    return w.micro_batch * w.avg_seq / lay.cp * model.hidden * 2
+
+
+def pass_s(model: ModelShape, w: Workload, lay: Layout, hw: Hardware, a: Assumptions, *, backward: bool) -> float:
+    """Training (backward=True: all mini-batches) or the forward-only log-prob pass(es): the stages' compute
+    and TP all-reduces through the 1F1B pipeline (the slowest stage sets the pace), plus PP point-to-point."""
+    rows = w.trained_rows if backward else w.forward_rows * w.forward_passes
+    cost, m = stage_compute(model, w, lay, hw, a, backward=backward)
+    compute = pipelined_s(cost.stages(lay.split.stage_layers(model.layers, lay.pp)), m)
     # PP point-to-point: activations (and their grads) across each stage boundary, per micro-batch
+    mbs_per_rank = math.ceil(rows / lay.dp / w.micro_batch)
     intra = lay.tp * lay.cp * lay.dp < hw.gpus_per_node
     p2p_bw = hw.nvlink_busbw_gbps if intra else hw.ib_busbw_gbps
-    p2p = (mbs_per_rank + lay.pp - 1) * (2 if backward else 1) * msg / lay.tp / (p2p_bw * 1e9) if lay.pp > 1 else 0.0
-    return compute + tp + p2p
+    msg = _boundary_bytes(model, w, lay) / lay.tp
+    p2p = (mbs_per_rank + lay.pp - 1) * (2 if backward else 1) * msg / (p2p_bw * 1e9) if lay.pp > 1 else 0.0
+    return compute + p2p
 
 
 def optimizer_s(model: ModelShape, w: Workload, lay: Layout, hw: Hardware, a: Assumptions) -> float:
     """Per rollout step: DP gradient sync + the Adam update, once per mini-batch."""
-    params = max(stage_params(model, lay.tp, lay.pp))
+    params = max(stage_params(model, lay.tp, lay.pp, lay.split))
     n = lay.dp * lay.cp
     in_node = lay.tp * lay.cp * lay.dp <= hw.gpus_per_node
     bw = hw.nvlink_busbw_gbps if in_node else hw.ib_busbw_gbps
@@ -375,10 +395,13 @@ def _divisors(n: int, limit: int) -> list[int]:
 
 
 def candidate_layouts(model: ModelShape, gpus: int, hw: Hardware, w: Workload, *, current_trainer: bool = False,
-                      cps: tuple[int, ...] | None = None) -> list[Layout]:
+                      cps: tuple[int, ...] | None = None, a: Assumptions = Assumptions(),
+                      uneven: bool = True) -> list[Layout]:
     """Valid (TP, PP, CP, DP) × recompute × optimizer sharding; rollout TP is chosen per layout later.
-    TP divides attention heads, KV groups and ViT heads and stays inside a node; PP divides the layers;
-    CP ∈ {1, 2}; sequence parallelism whenever TP > 1; the distributed optimizer on or off when DP×CP > 1.
+    TP divides attention heads, KV groups and ViT heads and stays inside a node; PP <= 16 (and <= the decoder
+    layers: every such PP has a Megatron split) with its split chosen by `split_for` (`uneven=False`: PP
+    divides the layers, even split); CP ∈ {1, 2}; sequence parallelism whenever TP > 1; the distributed
+    optimizer on or off when DP×CP > 1.
     `current_trainer` (kept for callers and `--current-trainer`): only what calibrl_mcore/trainer/policy.py
     and model_providers/ build. They now build every layout considered here — Megatron's distributed
     optimizer over DP×CP (`optim.distributed_optimizer`), sequence parallelism (`parallel.sequence_parallel`,
@@ -390,7 +413,7 @@ def candidate_layouts(model: ModelShape, gpus: int, hw: Hardware, w: Workload, *
            if model.heads % t == 0 and model.kv_heads % t == 0 and vis_heads % t == 0]
     out = []
     for tp in tps:
-        for pp in _divisors(model.layers, 16):
+        for pp in range(1, min(model.layers, 16) + 1) if uneven else _divisors(model.layers, 16):
             for cp in cps:
                 if gpus % (tp * pp * cp):
                     continue
@@ -400,8 +423,17 @@ def candidate_layouts(model: ModelShape, gpus: int, hw: Hardware, w: Workload, *
                 shardable = dp * cp > 1  # the distributed optimizer shards over DP×CP: nothing to shard at 1
                 for rec in ("none", "full"):
                     for dist in ((False, True) if shardable else (False,)):
-                        out.append(Layout(tp, pp, cp, dp, rec, dist, sequence_parallel=tp > 1))
+                        lay = Layout(tp, pp, cp, dp, rec, dist, sequence_parallel=tp > 1)
+                        out.append(replace(lay, split=split_for(model, w, lay, hw, a)) if uneven else lay)
     return out
+
+
+def split_for(model: ModelShape, w: Workload, lay: Layout, hw: Hardware, a: Assumptions) -> PipelineSplit:
+    """The decoder split of `lay` whose slowest stage is fastest without more worst-stage training memory than
+    the even (or layer-balanced) split: tools/scaling/pipeline_stages.py."""
+    cost, _ = stage_compute(model, w, lay, hw, a, backward=True)
+    memory = lambda split: sum(training_memory(model, w, replace(lay, split=split), a).values())  # noqa: E731
+    return choose_split(model.layers, lay.pp, cost, memory)
 
 
 def best_rollout_tp(model: ModelShape, w: Workload, lay: Layout, hw: Hardware, a: Assumptions) -> Plan:
@@ -422,22 +454,25 @@ def _rank_key(p: Plan) -> tuple:
 
 
 def rank_layouts(model: ModelShape, gpus: int, hw: Hardware, w: Workload, a: Assumptions = Assumptions(),
-                 *, current_trainer: bool = False) -> tuple[list[Plan], list[Plan]]:
-    """(feasible plans fastest first, infeasible plans) for one cluster size; the order is deterministic."""
+                 *, current_trainer: bool = False, uneven: bool = True) -> tuple[list[Plan], list[Plan]]:
+    """(feasible plans fastest first, infeasible plans) for one cluster size; the order is deterministic.
+    `uneven=False`: even pipeline splits only (what the search gained by them: `format_split_gain`)."""
     plans = [best_rollout_tp(model, w, lay, hw, a)
-             for lay in candidate_layouts(model, gpus, hw, w, current_trainer=current_trainer)]
+             for lay in candidate_layouts(model, gpus, hw, w, current_trainer=current_trainer, a=a, uneven=uneven)]
     return sorted((p for p in plans if p.feasible), key=_rank_key), [p for p in plans if not p.feasible]
 
 
 def layout_from_config(cfg, gpus: int) -> Layout:
-    """The layout a config runs on `gpus` GPUs: parallel sizes, `parallel.sequence_parallel`, `model.recompute`,
-    `optim.distributed_optimizer` and the colocated engine's `rollout.server_tp_size` / `server_mem_fraction`."""
+    """The layout a config runs on `gpus` GPUs: parallel sizes, `parallel.sequence_parallel`, the decoder split
+    (`parallel.num_layers_in_{first,last}_pipeline_stage`), `model.recompute`, `optim.distributed_optimizer` and
+    the colocated engine's `rollout.server_tp_size` / `server_mem_fraction`."""
     p = cfg.parallel
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
     if gpus % (tp * pp * cp):
         raise ValueError(f"{gpus} GPUs are not divisible by TP×PP×CP = {tp}×{pp}×{cp}")
     return Layout(tp, pp, cp, gpus // (tp * pp * cp), cfg.model.recompute, bool(cfg.optim.distributed_optimizer),
-                  bool(p.sequence_parallel), cfg.rollout.server_tp_size, cfg.rollout.server_mem_fraction)
+                  bool(p.sequence_parallel), cfg.rollout.server_tp_size, cfg.rollout.server_mem_fraction,
+                  PipelineSplit.from_section(p))
 
 
 # ------------------------------------------------------------------------------------------- output
@@ -450,7 +485,7 @@ def format_table(plans: list[Plan], gpus: int) -> list[str]:
             "|---" * 19 + "|"]
     for i, p in enumerate(plans, 1):
         lay, m, t = p.layout, p.memory, p.time
-        rows.append(f"| {gpus} | {i} | {lay.name} | {lay.recompute} | {'yes' if lay.distributed_optimizer else 'no'} "
+        rows.append(f"| {gpus} | {i} | {p.layout_name} | {lay.recompute} | {'yes' if lay.distributed_optimizer else 'no'} "
                     f"| {lay.rollout_tp} | {m['train_total']:.1f} | {m['rollout_total']:.1f} | {m['total']:.1f} "
                     f"| {m['host']:.1f} | {p.concurrency} | {t['generation']:.0f} | {t['data_plane']:.1f} "
                     f"| {t['logprobs']:.0f} | {t['train']:.0f} "
@@ -532,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{closest.reason}" if closest else "") + "\n")
             continue
         print("\n".join(format_table(ok[: args.top], gpus)))
-        print(f"({len(ok)} feasible of {len(ok) + len(bad)} layouts)\n")
+        even = rank_layouts(model, gpus, hw, w, a, uneven=False)[0]
+        print(f"({len(ok)} feasible of {len(ok) + len(bad)} layouts; {format_split_gain(ok[0], even[0] if even else None)})\n")
     return 0
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python tools/scaling/sweep.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from model_providers.pipeline_split import EVEN  # noqa: E402
 from rollout.launcher import free_port  # noqa: E402
 from tools.scaling.models import MODELS, ModelShape, get_model  # noqa: E402
 from tools.scaling.planner import (  # noqa: E402
@@ -47,6 +48,7 @@ from tools.scaling.planner import (  # noqa: E402
     Layout,
     Plan,
     Workload,
+    best_rollout_tp,
     optimizer_s,
     pass_s,
     plan,
@@ -71,7 +73,7 @@ def layout_overrides(layout_yaml: str | Path) -> list[str]:
         if isinstance(node, dict):
             return [item for k, v in node.items() for item in flat(f"{prefix}{k}.", v)]
         value = "[" + ",".join(map(str, node)) + "]" if isinstance(node, list) else node
-        return [f"{prefix[:-1]}={value}"]
+        return [f"{prefix[:-1]}={'null' if value is None else value}"]
 
     return flat("", OmegaConf.to_container(OmegaConf.load(layout_yaml)) or {})
 
@@ -83,16 +85,21 @@ def load_with_layout(model_yaml: str | Path, layout_yaml: str | Path, overrides:
     return load_config(model_yaml, list(overrides or []), layout=layout_yaml)
 
 
-def render_layout(model_name: str, p: Plan, hw: Hardware, a: Assumptions) -> str:
-    """The override YAML of a plan, with the planner's estimate in its header."""
+def render_layout(model_name: str, p: Plan, hw: Hardware, a: Assumptions, even: Plan | None = None) -> str:
+    """The override YAML of a plan, with the planner's estimate in its header; `even`: the same layout with
+    even pipeline stages, whose step time the header quotes when `p`'s stages are uneven."""
     lay, m, t, n = p.layout, p.memory, p.time, p.layout.gpus
     fraction = math.floor(m["rollout_total"] / hw.memory_gib * 100) / 100  # floor: never more than planned
     nodes = n // hw.gpus_per_node
     where = f"{nodes} node{'s' if nodes > 1 else ''} × {hw.gpus_per_node}" if nodes else f"{n} GPUs"
     sp = "on" if lay.sequence_parallel else "off"
     dist = f"on (sharded over DP × CP = {lay.dp * lay.cp})" if lay.distributed_optimizer else "off"
+    stages = f"\n# decoder layers per pipeline stage {'+'.join(map(str, p.stages))}" if lay.pp > 1 else ""
+    if lay.split.uneven:  # what the uneven split gained over the even one (the planner's estimate)
+        stages += f" (even: {f'step {even.step_s:.0f} s' if even and even.feasible else 'none fits'})"
+    first, last = ("null" if v is None else v for v in (lay.split.first, lay.split.last))
     return f"""# {model_name} on {n} × {hw.name} ({where}): TP {lay.tp} × PP {lay.pp} × CP {lay.cp} × DP {lay.dp},
-# recompute {lay.recompute}, sequence parallelism {sp}, distributed optimizer {dist};
+# recompute {lay.recompute}, sequence parallelism {sp}, distributed optimizer {dist};{stages}
 # SGLang engines of TP {lay.rollout_tp} colocated with training on every GPU.
 # Planner estimate (mfu {a.mfu}): {m["train_total"]:.1f} GiB training + {m["rollout_total"]:.1f} GiB rollout per GPU;
 # step {t["step"]:.0f} s = generation {t["generation"]:.0f} + data plane {t["data_plane"]:.0f} + log-probs \
@@ -103,6 +110,8 @@ def render_layout(model_name: str, p: Plan, hw: Hardware, a: Assumptions) -> str
 parallel:
   tensor_model_parallel_size: {lay.tp}
   pipeline_model_parallel_size: {lay.pp}
+  num_layers_in_first_pipeline_stage: {first}
+  num_layers_in_last_pipeline_stage: {last}
   context_parallel_size: {lay.cp}
   sequence_parallel: {str(lay.sequence_parallel).lower()}
 model:
@@ -132,8 +141,11 @@ def write_layouts(out_dir: Path, models: list[str], sizes: list[int], hw: Hardwa
         for gpus in sizes:
             ok, _ = rank_layouts(get_model(name), gpus, hw, w, a)
             if ok:
+                best, model = ok[0].layout, get_model(name)
+                even = (best_rollout_tp(model, w, replace(best, split=EVEN), hw, a)
+                        if best.split.uneven and model.layers % best.pp == 0 else None)  # fmt: skip
                 path = out_dir / f"{layout_file_name(name, hw, gpus)}.yaml"
-                path.write_text(render_layout(name, ok[0], hw, a))
+                path.write_text(render_layout(name, ok[0], hw, a, even))
                 written.append(path)
     return written
 
