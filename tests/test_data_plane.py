@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import random
@@ -163,6 +164,16 @@ def test_planned_prompt_tokens_equal_the_processor(tiny_checkpoints, arch):
             assert torch.equal(planned.image_grid_thw, full.image_grid_thw)
         else:
             assert planned.image_grid_thw is None
+    # a replica whose processor disagrees with the driver's plan stops with a one-line error naming the prompt
+    from calibrl_mcore.trainer.data_plane import encode_prompt_images
+
+    rows = [Row(uid=ex.uid, group_id=3, is_expert=False, prompt_ids=planned.prompt_ids[:-1], response_ids=[1],
+                images=planned.refs, prompt_text=planned.text)]
+    with pytest.raises(RuntimeError, match=r"prompt of 'A <image> or B <image>\?' \(group 3\): .* every rank must load"):
+        encode_prompt_images(rows, enc)
+    rows[0].prompt_ids = planned.prompt_ids
+    assert encode_prompt_images(rows + [dataclasses.replace(rows[0])], enc) == 1  # once per prompt
+    assert torch.equal(rows[0].pixel_values, full.pixel_values)
 
 
 # ------------------------------------------------------------------------------------------ 4. torchrun
