@@ -287,6 +287,26 @@ def test_first_step_loss_matches_dp1(tiny, dp1_run, layout, overrides, tol, grad
 
 
 @pytest.mark.distributed
+def test_dp4_receives_a_quarter_and_matches_dp1(tiny):
+    """DP=4 through the data plane: every replica receives and encodes only its rows (images by reference),
+    groups straddle replicas at the token-balanced cuts, and the first step equals one process's."""
+    # 6 prompts x 4 samples: 6 rows per replica, so the token-balanced cuts fall inside groups
+    flags = ("train.steps=1", "train.prompts_per_step=6")
+    ref = _metrics(_train(tiny, "dp1_6prompts", 1, *flags))[0]
+    got = _metrics(_train(tiny, "dp4", 4, *flags))[0]
+    assert got["reward/mean"] == ref["reward/mean"], "rollouts differ: the comparison is not like for like"
+    rel = {k: _rel(got[k], ref[k]) for k in ("train/loss", "train/cal_loss", "grad_norm")}
+    share = got["data/bytes_received"] / ref["data/bytes_received"]
+    print(f"\n[dp4] loss {got['train/loss']!r} vs dp1 {ref['train/loss']!r}; rel {rel}; split groups "
+          f"{got['data/split_groups']:.0f}; bytes per rank {got['data/bytes_received']:.0f} (max) vs dp1 "
+          f"{ref['data/bytes_received']:.0f} = {share:.3f}; encode {got['data/encode_s']:.3f} s (max)")
+    assert got["data/split_groups"] >= 1, "no group straddles two replicas: the test would not cover that"
+    assert rel["train/loss"] <= 1e-5 and rel["train/cal_loss"] <= 1e-5 and rel["grad_norm"] <= 1e-4, rel
+    assert share <= 0.45 and got["data/bytes_received_min"] > 0 and got["data/encode_s_min"] > 0
+    assert "data/dispatch_s" in got and "data/dispatch_s" in ref
+
+
+@pytest.mark.distributed
 def test_distributed_optimizer_resumes_and_matches_dp1(tiny, dp1_run):
     """Adam states sharded over DP: a run stopped after step 1 resumes from its (fully reshardable)
     checkpoint, and its step 2 (rollouts from the updated weights, then the update) is the one-process

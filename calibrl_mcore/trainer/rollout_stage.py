@@ -1,5 +1,7 @@
 """Rank 0's side of a step: prompts -> rollout server -> rewarded rows (+ the expert row of each group).
 
+Rows carry token ids and image references, not pixels: each DP replica encodes its own (`data_plane.py`).
+
 The processor that renders prompts here is the checkpoint's own, so the prompt token ids the trainer
 uses are the ones the server generated from (checked per sample against the server's prompt length).
 """
@@ -17,9 +19,10 @@ import torch
 
 from calibrl_mcore.algo.dapo import overlong_penalty
 from calibrl_mcore.config import AlgoConfig, RolloutConfig
+from calibrl_mcore.data.images import ImageRef, PILImagePipeline
 from calibrl_mcore.data.schema import Example
 from calibrl_mcore.data.template import as_expert_response, build_messages
-from calibrl_mcore.data.vision_inputs import VisionPromptEncoder
+from calibrl_mcore.data.vision_inputs import PromptTokenizer, VisionPromptEncoder
 from calibrl_mcore.rewards import acc_x_fmt_reward, compute_reward
 from calibrl_mcore.trainer.batch import Row
 from rollout.client import RolloutClient, RolloutRequestError
@@ -37,13 +40,16 @@ class PromptInputs:
     text: str  # chat-templated prompt
     images: list  # PIL images
     prompt_ids: list[int]
-    pixel_values: torch.Tensor | None
+    pixel_values: torch.Tensor | None  # None from `prompt_tokens` (the replicas encode the pixels)
     image_grid_thw: torch.Tensor | None
+    refs: tuple[ImageRef, ...] = ()  # the example's images by reference, for the replicas
 
 
 class PromptEncoder:
     """The checkpoint's processor: examples -> prompt token ids + pixel values; expert text -> ids.
 
+    The data plane splits the work: the driver calls `prompt_tokens` (token ids from the images' sizes, no
+    pixel work) and each DP replica `encode` for its own rows. `prompt` does both, as one process would.
     `image_backend`: "processor" = the HF processor does the images (CPU); "pil" | "dali" | "auto" =
     `calibrl_mcore.data.vision_inputs` does them (DALI on the GPU; "pil" equals the processor bit for bit)."""
 
@@ -52,6 +58,7 @@ class PromptEncoder:
         self.vision = None  # "processor": the processor's own image path
         if image_backend != "processor":
             self.vision = VisionPromptEncoder(self.processor, image_backend)
+        self.prompts = PromptTokenizer(self.processor)
         tok = self.tokenizer = self.processor.tokenizer
         im_end = tok.convert_tokens_to_ids("<|im_end|>")
         self.eos_id = im_end if isinstance(im_end, int) and im_end != tok.unk_token_id else tok.eos_token_id
@@ -65,25 +72,36 @@ class PromptEncoder:
                  "image_token_index")
         self.forbidden_ids = {int(getattr(hf, n)) for n in names if isinstance(getattr(hf, n, None), int)}
 
-    def prompt(self, example: Example) -> PromptInputs:
+    def prompt_tokens(self, example: Example) -> PromptInputs:
+        """The driver's part: chat text, decoded images (for the rollout server), prompt token ids and the
+        image grid planned from the images' sizes; no pixel preprocessing."""
         images = example.load_images()
         text = self.processor.apply_chat_template(build_messages(example), add_generation_prompt=True,
                                                   tokenize=False)
-        if self.vision is None:
-            enc = self.processor(text=[text], images=images or None, return_tensors="pt")
-            prompt_ids = enc["input_ids"][0].tolist()
-        else:  # DALI decodes the encoded bytes on the GPU; PIL reuses the images decoded for the server.
-            enc = self.vision(text, example.images if self.vision.backend == "dali" else images)
-            prompt_ids = enc.pop("input_ids")
-            # Rows are pickled to the other ranks (broadcast_object_list): keep their tensors on the CPU.
-            enc = {k: v.cpu() for k, v in enc.items()}
-        return PromptInputs(
-            text=text,
-            images=images,
-            prompt_ids=prompt_ids,
-            pixel_values=enc.get("pixel_values"),
-            image_grid_thw=enc.get("image_grid_thw"),
-        )
+        prompt_ids, planned = self.prompts(text, [(im.height, im.width) for im in images])
+        return PromptInputs(text=text, images=images, prompt_ids=prompt_ids, pixel_values=None,
+                            image_grid_thw=planned.get("image_grid_thw"), refs=tuple(example.images))
+
+    def encode(self, text: str, refs: Sequence[ImageRef], images: Sequence | None = None) -> dict:
+        """A replica's part: `input_ids` (list), `pixel_values`, `image_grid_thw` (Qwen) of one prompt,
+        through the configured image path; `images` are the decoded `refs` when the caller has them."""
+        if self.vision is not None and self.vision.backend == "dali":  # DALI decodes the encoded bytes on the GPU
+            enc = self.vision(text, list(refs))
+        elif self.vision is not None:
+            enc = self.vision(text, images if images is not None else PILImagePipeline()(refs))
+        else:
+            images = images if images is not None else PILImagePipeline()(refs)
+            enc = dict(self.processor(text=[text], images=list(images) or None, return_tensors="pt"))
+            enc["input_ids"] = enc["input_ids"][0].tolist()
+        # Rows are kept on the host until collated: keep their tensors on the CPU.
+        return {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in enc.items()}
+
+    def prompt(self, example: Example) -> PromptInputs:
+        """Both parts in one process (tests, tools): token ids and pixel values."""
+        inp = self.prompt_tokens(example)
+        enc = self.encode(inp.text, inp.refs, inp.images)
+        return dataclasses.replace(inp, prompt_ids=enc["input_ids"], pixel_values=enc.get("pixel_values"),
+                                   image_grid_thw=enc.get("image_grid_thw"))
 
     def expert(self, example: Example) -> tuple[str, list[int]]:
         """The (first) expert response text and its token ids, ending with the end-of-turn token."""
@@ -121,7 +139,7 @@ class RolloutStage:
         """G samples per example + one expert row per group, rewarded. Group ids: first_group_id + k.
         `round_index`: the step's n-th batch (dynamic sampling refills), which gets its own sampling seed."""
         t0 = time.perf_counter()
-        inputs = [self.encoder.prompt(ex) for ex in examples]
+        inputs = [self.encoder.prompt_tokens(ex) for ex in examples]
         params = {
             "max_new_tokens": self.cfg.max_new_tokens,
             "temperature": self.cfg.temperature,
@@ -182,7 +200,8 @@ class RolloutStage:
             raise ValueError(f"non-finite reward {reward.reward} for a sample of {ex.uid!r} (group {group_id})")
         return Row(
             uid=ex.uid, group_id=group_id, is_expert=is_expert, prompt_ids=inp.prompt_ids,
-            response_ids=list(response_ids), pixel_values=inp.pixel_values, image_grid_thw=inp.image_grid_thw,
+            response_ids=list(response_ids), image_grid_thw=inp.image_grid_thw, images=inp.refs,
+            prompt_text=inp.text,
             rollout_logprobs=list(logprobs) if logprobs else None, reward=float(reward.reward),
             acc=float(reward.acc), fmt=float(reward.fmt), finish_reason=finish, text=text,
         )
@@ -191,7 +210,7 @@ class RolloutStage:
         """Greedy, n = 1, reward acc × fmt (the paper's validation protocol)."""
         if not examples:
             return {}
-        inputs = [self.encoder.prompt(ex) for ex in examples]
+        inputs = [self.encoder.prompt_tokens(ex) for ex in examples]
         params = {"max_new_tokens": self.cfg.max_new_tokens, "temperature": 0.0, "n": 1}
         samples = self._generate([{"text": p.text, "image_data": p.images} for p in inputs], params)
         scores = [acc_x_fmt_reward(s.text, examples[s.prompt_index].answer) for s in samples]

@@ -102,8 +102,8 @@ def render_layout(model_name: str, p: Plan, hw: Hardware, a: Assumptions, even: 
 # recompute {lay.recompute}, sequence parallelism {sp}, distributed optimizer {dist};{stages}
 # SGLang engines of TP {lay.rollout_tp} colocated with training on every GPU.
 # Planner estimate (mfu {a.mfu}): {m["train_total"]:.1f} GiB training + {m["rollout_total"]:.1f} GiB rollout per GPU;
-# step {t["step"]:.0f} s = generation {t["generation"]:.0f} + log-probs {t["logprobs"]:.0f} + train {t["train"]:.0f} \
-+ weight sync {t["weight_sync"]:.0f}.
+# step {t["step"]:.0f} s = generation {t["generation"]:.0f} + data plane {t["data_plane"]:.0f} + log-probs \
+{t["logprobs"]:.0f} + train {t["train"]:.0f} + weight sync {t["weight_sync"]:.0f}.
 # Written by `python tools/scaling/planner.py --write-layouts configs/layouts`. Apply with
 #   calibrl train --config configs/{model_name}.yaml --layout {layout_file_name(model_name, hw, n)}
 # or  calibrl train --config configs/{model_name}.yaml $(python tools/scaling/planner.py --overrides <this file>)
