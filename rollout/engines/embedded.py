@@ -23,6 +23,7 @@ sample reports the `weight_version` current when it finished.
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.metadata
 import inspect
 import logging
 import queue
@@ -56,6 +57,14 @@ from rollout.engines.sample_rows import (
 from rollout.engines.sampling import SamplingTensors, counter_uniforms, row_key, sample_next_tokens
 
 logger = logging.getLogger(__name__)
+
+
+def _package_version() -> str:
+    """calibrl-mcore's version: what `calibrl env` reports for an embedded server (SGLang and vLLM report theirs)."""
+    try:
+        return importlib.metadata.version("calibrl-mcore")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 DECODE_GRAPHS = ("auto", "on", "off")
 
@@ -199,6 +208,7 @@ class EmbeddedEngine(RolloutEngine):
             "is_generation": True,
             "weight_version": self.weight_version,
             "engine": "embedded",
+            "version": _package_version(),
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "max_context_len": self.max_context_len,
