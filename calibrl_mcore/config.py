@@ -371,7 +371,7 @@ def load_config(
             merged = OmegaConf.merge(merged, layer())
         except OmegaConfBaseException as exc:
             key = getattr(exc, "full_key", None)
-            msg = exc.msg if hasattr(exc, "msg") else exc
+            msg = str(exc.msg if hasattr(exc, "msg") else exc).splitlines()[0]  # OmegaConf appends its key dump
             raise ConfigError(f"config error{where} at key {key!r}: {msg}") from exc
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     _restore_on_off(cfg)
