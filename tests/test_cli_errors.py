@@ -4,7 +4,6 @@ nothing heavy started: one test per CLI and kind of input (run in-process throug
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 
@@ -15,16 +14,7 @@ from calibrl_mcore import cli
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml")
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    root = logging.getLogger()
-    handlers = list(root.handlers)
-    yield
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    for h in handlers:
-        root.addHandler(h)
-    logging.captureWarnings(False)
+pytestmark = pytest.mark.usefixtures("restore_logging")  # cli.main configures process-wide logging
 
 
 @pytest.fixture(scope="module")

@@ -28,23 +28,6 @@ from calibrl_mcore import terminal
 from tests.torchrun_utils import REPO
 
 
-@pytest.fixture
-def restore_logging():
-    """configure_logging changes process-wide state: put the root handlers and levels back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    named = {n: logging.getLogger(n).level for n in (*terminal.OUR_LOGGERS, *terminal.THIRD_PARTY_LOGGERS)}
-    yield
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    for h in handlers:
-        root.addHandler(h)
-    root.setLevel(level)
-    for n, lvl in named.items():
-        logging.getLogger(n).setLevel(lvl)
-    logging.captureWarnings(False)
-
-
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update({"PYTHONPATH": f"{REPO}:{env.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
