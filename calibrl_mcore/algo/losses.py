@@ -23,17 +23,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from calibrl_mcore.algo.aggregation import (
     LossNormalizer,
     aggregate,
-    aggregate_grad,
     check_agg_mode,
     compute_loss_normalizer,
     reduce_metrics,
     token_fraction,
 )
+from calibrl_mcore.algo.calibration import CalibrationTerm
 
 Metrics = dict[str, torch.Tensor]
 
@@ -123,38 +122,6 @@ def _clipped_pg(
         clip_high=clip_active & (neg_a < 0),
         dual=dual,
     )
-
-
-class _CalibrationLoss(torch.autograd.Function):
-    """agg(LeakyReLU_α((b − ℓ)·s·w)·mask) and its gradient, in as few [B, T] passes as autograd allows.
-
-    Returns (the aggregated term, a 0-dim tensor; full [B, T] bool: (b − ℓ)·s·w·cal_mask ≥ 0, the full-slope
-    side, true on masked positions). `cal_mask` (the response mask, times the expert mask in the masked variant)
-    goes in before the LeakyReLU (leaky(0) = 0), so the aggregation needs no multiply of its own; `mask` (the
-    response mask) gives the aggregation's per-row denominators, as for every other term. Backward scales two per-row slopes by the aggregation's own per-row gradient
-    (`aggregate_grad`), then one `where` and one multiply by the mask — instead of autograd's chain through the
-    aggregation, the mask, leaky_relu, mul and sub. Every product is one autograd forms, of the same fp32
-    operands: the loss and the gradients are bit-identical to the plain composition (tests/test_losses.py).
-    """
-
-    @staticmethod
-    def forward(ctx, lp: torch.Tensor, baseline: torch.Tensor, sw: torch.Tensor, cal_mask: torch.Tensor,
-                mask: torch.Tensor, alpha: float, norm: LossNormalizer):
-        y = torch.sub(baseline, lp).mul_(sw).mul_(cal_mask)  # [B, T], (b − ℓ)·s·w, 0 where masked
-        full = y >= 0
-        value = aggregate(F.leaky_relu_(y, alpha), mask, norm, premasked=True)
-        ctx.save_for_backward(full, sw, cal_mask, mask)
-        ctx.alpha, ctx.norm = alpha, norm
-        ctx.mark_non_differentiable(full)
-        return value, full
-
-    @staticmethod
-    def backward(ctx, grad_value: torch.Tensor, _grad_full):
-        full, sw, cal_mask, mask = ctx.saved_tensors
-        rows = aggregate_grad(grad_value, mask, ctx.norm)  # [B, 1] or [1, 1]
-        # d cal / d ℓ = −s·w on the full-slope side, −α·s·w on the damped side; 0 where masked.
-        grad = torch.where(full, -sw * rows, (-ctx.alpha * sw) * rows).mul_(cal_mask)  # [B, T]
-        return grad, None, None, None, None, None, None
 
 
 def _finish(
@@ -303,18 +270,15 @@ def calibrl_loss(
     sign = passed.to(torch.float32) * 2.0 - 1.0  # [B], s ∈ {+1, −1}
     # |A|·LeakyReLU(x) == LeakyReLU(|A|·x) for |A| ≥ 0, so weight and sign fold into one [B, 1] factor.
     cal_mask = mask if expert_mask is None else mask * expert_mask.to(torch.float32)
-    cal, full = _CalibrationLoss.apply(lp, expert_logp.detach().float(), (sign * weight)[:, None], cal_mask,
-                                       mask, alpha, norm)
+    cal, full_valid, row_tokens = CalibrationTerm.apply(
+        lp, expert_logp.detach().float(), (sign * weight)[:, None], cal_mask, mask, alpha, norm)
 
     metrics = _ratio_metrics(pg, mask, norm)
-    # Side of the LeakyReLU each pushed token is on (for w > 0, `full` is the sign of −s(ℓ − b)); tokens of
-    # zero-rarity rows get no push and count in neither fraction. Row sums first: [B, T] work stays minimal.
+    # Side of the LeakyReLU each pushed token is on (for w > 0, the sign of −s(ℓ − b)); tokens of zero-rarity
+    # rows get no push and count in neither fraction.
     pushed = (weight > 0).to(torch.float32)  # [B]
-    row_tokens = cal_mask.sum(dim=-1)  # [B]
-    # `full` is true on every masked position: the row's valid full-slope tokens are the rest (exact counts)
-    full_rows = full.sum(dim=-1).to(torch.float32) - (full.shape[-1] - row_tokens)  # [B]
-    metrics["leaky_pos_frac"] = (pushed * full_rows).sum() / norm.num_tokens
-    metrics["leaky_neg_frac"] = (pushed * (row_tokens - full_rows)).sum() / norm.num_tokens
+    metrics["leaky_pos_frac"] = (pushed * full_valid).sum() / norm.num_tokens
+    metrics["leaky_neg_frac"] = (pushed * (row_tokens - full_valid)).sum() / norm.num_tokens
     return _finish(
         {"pg": (1.0, pg.loss), "cal": (lam, cal)}, mask, norm, metrics,
         entropy=entropy, entropy_coef=entropy_coef, ref_logp=ref_logp, logp=lp, kl_coef=kl_coef,

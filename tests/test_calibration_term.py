@@ -1,6 +1,7 @@
-"""The CalibRL term's custom autograd function (`losses._CalibrationLoss`) against the plain autograd
-composition it replaces, bit for bit: loss, metrics and gradient, every aggregation mode, with and without the
-expert mask, α at 0, ½ and 1; and `aggregate_grad` against autograd's own chain through `aggregate`."""
+"""The CalibRL term's cache-blocked autograd function (`calibration.CalibrationTerm`) against the plain autograd
+composition it replaces: the gradient bit for bit, the value to fp64-summation order (its row sums are added
+per block), the metrics exactly; every aggregation mode, with and without the expert mask, α at 0, ½ and 1,
+one block and many; and `aggregate_grad` against autograd's own chain through `aggregate`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from calibrl_mcore.algo import losses
+from calibrl_mcore.algo import calibration, losses
 from calibrl_mcore.algo.aggregation import AGG_MODES, aggregate, aggregate_grad, compute_loss_normalizer
 
 
@@ -43,26 +44,28 @@ CASES = list(itertools.product(AGG_MODES, (False, True), (0.0, 0.5, 1.0)))
 
 
 @pytest.mark.parametrize("agg,use_expert_mask,alpha", CASES)
-def test_fused_calibration_is_bit_identical_to_the_plain_composition(agg, use_expert_mask, alpha):
+def test_blocked_calibration_matches_the_plain_composition(agg, use_expert_mask, alpha, monkeypatch):
     d = _inputs(seed=CASES.index((agg, use_expert_mask, alpha)))
+    monkeypatch.setattr(calibration, "BLOCK_ELEMENTS", 5 * 53)  # 5 rows per block: 8 blocks, a short last one
     mask = d["mask"].float()
     em = d["expert_mask"].float() if use_expert_mask else None
     cal_mask = mask if em is None else mask * em
     norm = compute_loss_normalizer(d["mask"], agg)
     sw = ((d["passed"].float() * 2 - 1) * d["adv"].abs())[:, None]
     grads, values = [], []
-    for fused in (True, False):
+    for blocked in (True, False):
         lp = d["lp"].clone().requires_grad_(True)
-        if fused:
-            value, full = losses._CalibrationLoss.apply(lp, d["expert"], sw, cal_mask, mask, alpha, norm)
-            full = full & cal_mask.bool()
+        if blocked:
+            value, full_valid, row_tokens = calibration.CalibrationTerm.apply(
+                lp, d["expert"], sw, cal_mask, mask, alpha, norm)
+            assert torch.equal(row_tokens, cal_mask.sum(dim=-1))
         else:
             value, full = _plain_calibration(lp, d["expert"], sw, em, mask, alpha, norm)
-            full = full & cal_mask.bool()
+            full_valid = (full & cal_mask.bool()).sum(dim=-1).float()
         (value * 1.7).backward()
-        values.append((value.detach(), full))
+        values.append((value.detach(), full_valid))
         grads.append(lp.grad)
-    assert torch.equal(values[0][0], values[1][0])
+    torch.testing.assert_close(values[0][0], values[1][0], rtol=1e-6, atol=1e-7)
     assert torch.equal(values[0][1], values[1][1])
     assert torch.equal(grads[0], grads[1])
 
