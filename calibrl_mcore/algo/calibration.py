@@ -48,18 +48,22 @@ class CalibrationTerm(torch.autograd.Function):
     def forward(ctx, lp: torch.Tensor, baseline: torch.Tensor, sw: torch.Tensor, cal_mask: torch.Tensor,
                 mask: torch.Tensor, alpha: float, norm: LossNormalizer):
         batch, width = lp.shape
+        blocks = _row_blocks(batch, width)
         full = torch.empty(batch, width, dtype=torch.bool, device=lp.device)  # [B, T]
         row_sums = torch.empty(batch, dtype=torch.float64, device=lp.device)  # [B]
-        full_valid = torch.empty(batch, dtype=torch.float32, device=lp.device)  # [B]
+        full_count = torch.empty(batch, dtype=torch.int64, device=lp.device)  # [B]
         row_tokens = torch.empty(batch, dtype=torch.float32, device=lp.device)  # [B]
-        for rows in _row_blocks(batch, width):
+        scratch = torch.empty(blocks[0].stop - blocks[0].start, width, dtype=lp.dtype, device=lp.device)  # [r, T]
+        for rows in blocks:
             # (b − ℓ)·s·w, zero where masked: leaky(0) = 0, so the block's values need no second mask
-            y = torch.sub(baseline[rows], lp[rows]).mul_(sw[rows]).mul_(cal_mask[rows])  # [r, T]
+            y = torch.sub(baseline[rows], lp[rows], out=scratch[: rows.stop - rows.start])  # [r, T]
+            y.mul_(sw[rows]).mul_(cal_mask[rows])
             side = torch.ge(y, 0, out=full[rows])  # true on masked positions too
             torch.sum(F.leaky_relu_(y, alpha), dim=-1, dtype=torch.float64, out=row_sums[rows])
             torch.sum(cal_mask[rows], dim=-1, out=row_tokens[rows])
-            # masked positions count as full: subtract them (exact integer counts in fp32)
-            full_valid[rows] = side.sum(dim=-1).to(torch.float32) - (width - row_tokens[rows])
+            torch.sum(side, dim=-1, out=full_count[rows])
+        # masked positions count as full: subtract them (exact integer counts in fp32)
+        full_valid = full_count.to(torch.float32) - (width - row_tokens)  # [B]
         ctx.save_for_backward(full, sw, cal_mask, mask)
         ctx.alpha, ctx.norm = alpha, norm
         ctx.mark_non_differentiable(full_valid, row_tokens)
