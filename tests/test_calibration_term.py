@@ -1,6 +1,6 @@
 """The CalibRL term's cache-blocked autograd function (`calibration.CalibrationTerm`) against the plain autograd
-composition it replaces: the gradient bit for bit, the value to fp64-summation order (its row sums are added
-per block), the metrics exactly; every aggregation mode, with and without the expert mask, α at 0, ½ and 1,
+composition it replaces: the gradient bit for bit, the value to fp32 rounding (its rows are summed in fp32,
+then added in fp64), the metric counts exactly; every aggregation mode, with and without the expert mask, α at 0, ½ and 1,
 one block and many; and `aggregate_grad` against autograd's own chain through `aggregate`."""
 
 from __future__ import annotations
@@ -56,16 +56,16 @@ def test_blocked_calibration_matches_the_plain_composition(agg, use_expert_mask,
     for blocked in (True, False):
         lp = d["lp"].clone().requires_grad_(True)
         if blocked:
-            value, full_valid, row_tokens = calibration.CalibrationTerm.apply(
+            value, damped, row_tokens = calibration.CalibrationTerm.apply(
                 lp, d["expert"], sw, cal_mask, mask, alpha, norm)
             assert torch.equal(row_tokens, cal_mask.sum(dim=-1))
         else:
             value, full = _plain_calibration(lp, d["expert"], sw, em, mask, alpha, norm)
-            full_valid = (full & cal_mask.bool()).sum(dim=-1).float()
+            damped = (~full & cal_mask.bool()).sum().double()
         (value * 1.7).backward()
-        values.append((value.detach(), full_valid))
+        values.append((value.detach(), damped))
         grads.append(lp.grad)
-    torch.testing.assert_close(values[0][0], values[1][0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(values[0][0], values[1][0], rtol=2e-6, atol=1e-7)
     assert torch.equal(values[0][1], values[1][1])
     assert torch.equal(grads[0], grads[1])
 

@@ -4,15 +4,16 @@ Per token the term is a handful of elementwise steps. As separate PyTorch ops ov
 the whole batch through memory once more, and autograd adds as many passes in backward plus a [B, T]
 gradient for the aggregation: the term then cost about half as much again as the whole GRPO loss
 (bench/losses.py). Here rows are processed in blocks of about `BLOCK_ELEMENTS` that stay in cache: the
-forward pass reads ℓ, b and the mask once and writes only a bool map of the LeakyReLU side; the aggregation
-takes fp64 row sums per block; backward writes the gradient once, scaling two per-row slopes by the
+forward pass reads ℓ, b and the mask once and writes only a 0/1 map of the LeakyReLU side; the aggregation
+takes row sums per block (added in fp64); backward writes the gradient once, scaling two per-row slopes by the
 aggregation's own gradient (`aggregate_grad`) instead of materialising a [B, T] one.
 
-    value, full_valid, row_tokens = CalibrationTerm.apply(lp, b, sw, cal_mask, mask, alpha, norm)
+    value, damped, row_tokens = CalibrationTerm.apply(lp, b, sw, cal_mask, mask, alpha, norm)
 
 `sw` [B, 1] = s·|A| (or s·rarity), `cal_mask` = the response mask (times the expert mask in the masked
 variant), `mask` = the response mask (the aggregation's per-row denominators, as for every other term).
-Returned with the value: per row, the valid tokens on the full-slope side and the valid tokens (metrics).
+Returned with the value (for the metrics): the number of tokens on the damped side (all of them valid tokens
+of rows with w > 0), and each row's valid tokens.
 """
 
 from __future__ import annotations
@@ -49,34 +50,42 @@ class CalibrationTerm(torch.autograd.Function):
                 mask: torch.Tensor, alpha: float, norm: LossNormalizer):
         batch, width = lp.shape
         blocks = _row_blocks(batch, width)
-        full = torch.empty(batch, width, dtype=torch.bool, device=lp.device)  # [B, T]
-        row_sums = torch.empty(batch, dtype=torch.float64, device=lp.device)  # [B]
-        full_count = torch.empty(batch, dtype=torch.int64, device=lp.device)  # [B]
-        row_tokens = torch.empty(batch, dtype=torch.float32, device=lp.device)  # [B]
+        # The side map is kept as 0/1 floats, not bools: on CPU, torch's bool kernels (compare into bool, bool x
+        # float, bool sums) run several times slower than the float ones.
+        full = torch.empty(batch, width, dtype=lp.dtype, device=lp.device)  # [B, T], 1 on the full-slope side
+        row_sums = torch.empty(batch, dtype=lp.dtype, device=lp.device)  # [B]
+        row_tokens = torch.empty(batch, dtype=lp.dtype, device=lp.device)  # [B]
+        row_full = torch.empty(batch, dtype=lp.dtype, device=lp.device)  # [B]
         scratch = torch.empty(blocks[0].stop - blocks[0].start, width, dtype=lp.dtype, device=lp.device)  # [r, T]
         for rows in blocks:
             # (b − ℓ)·s·w, zero where masked: leaky(0) = 0, so the block's values need no second mask
             y = torch.sub(baseline[rows], lp[rows], out=scratch[: rows.stop - rows.start])  # [r, T]
             y.mul_(sw[rows]).mul_(cal_mask[rows])
-            side = torch.ge(y, 0, out=full[rows])  # true on masked positions too
-            torch.sum(F.leaky_relu_(y, alpha), dim=-1, dtype=torch.float64, out=row_sums[rows])
+            torch.sum(torch.ge(y, 0, out=full[rows]), dim=-1, out=row_full[rows])  # 1 on masked positions too
+            # A row's sum is the same whichever data-parallel rank holds the row, so fp32 is enough here (no
+            # cast of the block); rows are added in fp64 by the aggregation.
+            torch.sum(F.leaky_relu_(y, alpha), dim=-1, out=row_sums[rows])
             torch.sum(cal_mask[rows], dim=-1, out=row_tokens[rows])
-            torch.sum(side, dim=-1, out=full_count[rows])
-        # masked positions count as full: subtract them (exact integer counts in fp32)
-        full_valid = full_count.to(torch.float32) - (width - row_tokens)  # [B]
+        # Damped-side tokens are valid tokens of pushed rows: zero-rarity rows and masked positions give y = 0,
+        # the full side. Row counts are exact in fp32, their total in fp64.
+        damped = float(full.numel()) - row_full.to(torch.float64).sum()
         ctx.save_for_backward(full, sw, cal_mask, mask)
         ctx.alpha, ctx.norm = alpha, norm
-        ctx.mark_non_differentiable(full_valid, row_tokens)
-        value = aggregate_row_sums(row_sums, mask, norm).to(lp.dtype)
-        return value, full_valid, row_tokens
+        ctx.mark_non_differentiable(damped, row_tokens)
+        value = aggregate_row_sums(row_sums.to(torch.float64), mask, norm).to(lp.dtype)
+        return value, damped, row_tokens
 
     @staticmethod
-    def backward(ctx, grad_value: torch.Tensor, _grad_full_valid, _grad_row_tokens):
+    def backward(ctx, grad_value: torch.Tensor, _grad_damped, _grad_row_tokens):
         full, sw, cal_mask, mask = ctx.saved_tensors
         scale = aggregate_grad(grad_value, mask, ctx.norm)  # [B, 1] or [1, 1]
         # d cal / d ℓ = −s·w on the full-slope side, −α·s·w on the damped side; 0 where masked
         slope_full, slope_damped = -sw * scale, (-ctx.alpha * sw) * scale  # [B, 1]
         grad = torch.empty_like(cal_mask)  # [B, T]
         for rows in _row_blocks(*grad.shape):
-            torch.where(full[rows], slope_full[rows], slope_damped[rows], out=grad[rows]).mul_(cal_mask[rows])
+            # valid·full·s_full + valid·damped·s_damped: each token picks its slope exactly (x·1 + 0 = x), and
+            # four float products beat one torch.where on a bool map (no fast CPU kernel)
+            on_full = torch.mul(full[rows], cal_mask[rows])  # [r, T], 1 on valid full-side tokens
+            on_damped = torch.sub(cal_mask[rows], on_full)  # [r, T], 1 on valid damped-side tokens
+            torch.addcmul(on_full.mul_(slope_full[rows]), on_damped, slope_damped[rows], out=grad[rows])
         return grad, None, None, None, None, None, None

@@ -270,15 +270,15 @@ def calibrl_loss(
     sign = passed.to(torch.float32) * 2.0 - 1.0  # [B], s ∈ {+1, −1}
     # |A|·LeakyReLU(x) == LeakyReLU(|A|·x) for |A| ≥ 0, so weight and sign fold into one [B, 1] factor.
     cal_mask = mask if expert_mask is None else mask * expert_mask.to(torch.float32)
-    cal, full_valid, row_tokens = CalibrationTerm.apply(
+    cal, damped, row_tokens = CalibrationTerm.apply(
         lp, expert_logp.detach().float(), (sign * weight)[:, None], cal_mask, mask, alpha, norm)
 
     metrics = _ratio_metrics(pg, mask, norm)
     # Side of the LeakyReLU each pushed token is on (for w > 0, the sign of −s(ℓ − b)); tokens of zero-rarity
     # rows get no push and count in neither fraction.
-    pushed = (weight > 0).to(torch.float32)  # [B]
-    metrics["leaky_pos_frac"] = (pushed * full_valid).sum() / norm.num_tokens
-    metrics["leaky_neg_frac"] = (pushed * (row_tokens - full_valid)).sum() / norm.num_tokens
+    pushed_tokens = ((weight > 0).to(torch.float64) * row_tokens.to(torch.float64)).sum()  # exact counts
+    metrics["leaky_pos_frac"] = ((pushed_tokens - damped) / norm.num_tokens).to(torch.float32)
+    metrics["leaky_neg_frac"] = (damped / norm.num_tokens).to(torch.float32)
     return _finish(
         {"pg": (1.0, pg.loss), "cal": (lam, cal)}, mask, norm, metrics,
         entropy=entropy, entropy_coef=entropy_coef, ref_logp=ref_logp, logp=lp, kl_coef=kl_coef,
