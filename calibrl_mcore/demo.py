@@ -24,8 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 def phase_line(args: list[str], log: Path) -> str:
     """What the terminal shows per phase: the sub-command and its short settings (the full command line and
     the phase's own output go to `log`)."""
-    settings = [a for a in args[1:] if "=" in a and not Path(a.partition("=")[2]).is_absolute()]
-    return f"$ calibrl {' '.join([args[0], *settings])}   (output: {log.name})"
+    head = args[: next((i for i, a in enumerate(args) if a.startswith("-") or "=" in a), len(args))]  # sub-command
+    settings = [a for a in args if "=" in a and not Path(a.partition("=")[2]).is_absolute()]
+    return f"$ calibrl {' '.join([*head, *settings])}   (output: {log.name})"
 
 
 def accuracy_table(table: dict) -> str:

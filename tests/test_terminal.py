@@ -139,6 +139,7 @@ def test_demo_output_fits_its_line_budget(tmp_path):
     assert len(lines) <= DEMO_LINE_BUDGET, "\n".join(lines)
     assert max(map(len, lines)) <= 160, "\n".join(lines)  # no path-long command lines
     assert "$ calibrl train algo.name=grpo train.steps=30   (output: demo.log)" in lines
+    assert lines[0] == "$ calibrl data synth   (output: demo.log)"
 
 
 README_LINE_BUDGET = 40
