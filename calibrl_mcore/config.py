@@ -245,7 +245,15 @@ class TrainConfig:
     tensorboard: bool = True
     """also write TensorBoard events."""
     progress: bool = True
-    """tqdm progress bar on rank 0."""
+    """one progress line on rank 0 (rewritten in place on a terminal; a few plain lines in a log file)."""
+    log_level: str = "info"
+    """terminal output: warning | info (ours at INFO; Megatron, httpx, math-verify, transformers at WARNING;
+    known library fallback warnings folded into the start-up line) | verbose (everything, as the libraries log
+    it; the --verbose flag) | debug."""
+    wandb: str = ""
+    """W&B project: when set, metrics also go to a W&B run (files in <run_dir>/wandb; '' = off)."""
+    wandb_mode: str = "auto"
+    """auto (WANDB_MODE if set, else online) | online | offline (no network; `wandb sync` uploads later)."""
 
 
 @dataclass
@@ -299,6 +307,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "algo.expert_gate": ("none", "drop", "downweight"),
     "algo.agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
     "optim.lr_schedule": ("constant", "cosine", "linear"),
+    "train.log_level": ("warning", "info", "verbose", "debug"),
+    "train.wandb_mode": ("auto", "online", "offline"),
 }
 
 
@@ -386,7 +396,7 @@ def load_config(
             merged = OmegaConf.merge(merged, layer())
         except OmegaConfBaseException as exc:
             key = getattr(exc, "full_key", None)
-            msg = exc.msg if hasattr(exc, "msg") else exc
+            msg = str(exc.msg if hasattr(exc, "msg") else exc).splitlines()[0]  # OmegaConf appends its key dump
             raise ConfigError(f"config error{where} at key {key!r}: {msg}") from exc
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     _restore_on_off(cfg)
@@ -411,6 +421,11 @@ def to_yaml(cfg: Config) -> str:
 
 def as_dictconfig(cfg: Config) -> DictConfig:
     return OmegaConf.structured(cfg)
+
+
+def as_container(cfg: Config) -> dict[str, Any]:
+    """The resolved config as plain nested dicts (e.g. a W&B run's config)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
 
 
 def field_docs() -> dict[str, str]:

@@ -21,10 +21,38 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def phase_line(args: list[str], log: Path) -> str:
+    """What the terminal shows per phase: the sub-command and its short settings (the full command line and
+    the phase's own output go to `log`)."""
+    head = args[: next((i for i, a in enumerate(args) if a.startswith("-") or "=" in a), len(args))]  # sub-command
+    settings = [a for a in args if "=" in a and not Path(a.partition("=")[2]).is_absolute()]
+    return f"$ calibrl {' '.join([*head, *settings])}   (output: {log.name})"
+
+
+def accuracy_table(table: dict) -> str:
+    """The held-out accuracy table (markdown; also summary.md)."""
+    lines = ["| policy | eval accuracy (acc×fmt) | eval format | entropy at end |", "|---|---|---|---|"]
+    for name, row in table.items():
+        ent = "–" if row["entropy"] is None else f"{row['entropy']:.3f}"
+        lines.append(f"| {name} | {row['accuracy']:.3f} | {row['format']:.3f} | {ent} |")
+    return "\n".join(lines)
+
+
+def result_block(table: dict, n_eval: int, rl_steps: int, seconds: float, plots: list[Path], out: Path) -> str:
+    """The demo's closing block: the held-out accuracy table and where everything was written."""
+    head = f"Held-out accuracy on {n_eval} synthetic prompts ({rl_steps} RL steps each, {seconds:.0f}s total):"
+    shown = [str(p.relative_to(out)) if p.is_relative_to(out) else str(p) for p in plots]
+    tail = [f"written: {out} (summary.md, summary.json, demo.log, one run folder per phase)",
+            "plots:   " + ", ".join(shown)]
+    return "\n".join([head, accuracy_table(table), *tail])
+
+
 def _run(args: list[str], log: Path) -> None:
     cmd = [sys.executable, "-m", "calibrl_mcore.cli", *args]
-    print(f"$ calibrl {' '.join(args)}", flush=True)
+    print(phase_line(args, log), flush=True)
     with open(log, "a") as f:
+        f.write(f"$ calibrl {' '.join(args)}\n")
+        f.flush()
         proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise SystemExit(f"step failed (exit {proc.returncode}): see {log}")
@@ -59,6 +87,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
     _run(["sft", *common, f"model.hf_path={base}", f"train.run_dir={sft_dir}", f"sft.steps={sft_steps}",
           f"sft.out_dir={sft_dir / 'hf'}"], log)
     eval_start = out / "eval_sft.json"
+    print(phase_line(["eval", "--model", str(sft_dir / "hf")], log), flush=True)
     with open(eval_start, "w") as f:
         subprocess.run([sys.executable, "-m", "calibrl_mcore.cli", "eval", *common, "--model", str(sft_dir / "hf")],
                        cwd=REPO, stdout=f, stderr=open(log, "a"), check=True)
@@ -75,14 +104,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
     from tools.plot_metrics import plot_runs
 
     plots = plot_runs([out / "calibrl", out / "grpo"], out / "plots")
-    lines = ["| policy | eval accuracy (acc×fmt) | eval format | entropy at end |", "|---|---|---|---|"]
-    for name, row in table.items():
-        ent = "–" if row["entropy"] is None else f"{row['entropy']:.3f}"
-        lines.append(f"| {name} | {row['accuracy']:.3f} | {row['format']:.3f} | {ent} |")
-    summary = "\n".join(lines)
-    (out / "summary.md").write_text(summary + "\n")
+    block = result_block(table, n_eval, rl_steps, time.time() - t0, plots, out)
+    (out / "summary.md").write_text(accuracy_table(table) + "\n")
     (out / "summary.json").write_text(json.dumps(table, indent=2) + "\n")
-    print(f"\nHeld-out accuracy on {n_eval} synthetic prompts ({rl_steps} RL steps each, "
-          f"{time.time() - t0:.0f}s total):\n{summary}")
-    print("plots:", ", ".join(str(p) for p in plots))
+    print("\n" + block)
     return table

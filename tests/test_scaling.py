@@ -214,7 +214,7 @@ def test_planner_cli_prints_the_32b_table(capsys):
 
 
 def test_anchors_stay_within_a_factor():
-    """The planner against GPU.md's measurements and NeMo-RL's published runs (docs/scaling.md)."""
+    """The planner against docs/gpu.md's measurements and NeMo-RL's published runs (docs/scaling.md)."""
     results = anchor_results()
     assert len(results) >= 10
     for name, measured, predicted in results:

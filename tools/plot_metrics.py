@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -72,8 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (each with metrics.jsonl)")
     parser.add_argument("--out", type=Path, default=Path("plots"), help="output folder for PNGs")
     args = parser.parse_args(argv)
-    for path in plot_runs(args.runs, args.out):
-        print(path)
+    try:
+        written = plot_runs(args.runs, args.out)
+    except (FileNotFoundError, ValueError) as exc:  # a run folder without (readable) metrics.jsonl
+        print(f"plot_metrics: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(written)} plots to {args.out}: {', '.join(p.name for p in written)}")
     return 0
 
 

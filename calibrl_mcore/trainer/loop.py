@@ -29,7 +29,7 @@ from calibrl_mcore.algo.advantages import compute_group_advantages
 from calibrl_mcore.algo.aggregation import compute_loss_normalizer
 from calibrl_mcore.algo.experts import aggregate_expert_baselines, expert_gate_weight
 from calibrl_mcore.algo.schedules import CoefficientSchedule
-from calibrl_mcore.config import Config, to_yaml
+from calibrl_mcore.config import Config, as_container, to_yaml
 from calibrl_mcore.data.dataset import PromptDataset, PromptSampler
 from calibrl_mcore.parallel import ParallelConfig, destroy_distributed, init_distributed
 from calibrl_mcore.trainer.batch import Row, collate, micro_batch_chunks, padding_fraction
@@ -41,6 +41,7 @@ from calibrl_mcore.trainer.objective import logprob_fn, rl_loss_fn
 from calibrl_mcore.trainer.policy import MegatronPolicy, MicroBatch
 from calibrl_mcore.trainer.rollout_stage import PromptEncoder, RolloutFailure, RolloutStage
 from calibrl_mcore.trainer.row_plan import assign_rows
+from calibrl_mcore.trainer.wandb_sink import WandbSink
 from calibrl_mcore.trainer.weight_sync import WeightSync, sync_method
 from model_providers.pipeline_split import PipelineSplit
 from model_providers.registry import position_ids
@@ -97,8 +98,10 @@ class Trainer:
                                method=sync_method(cfg.rollout.weight_sync_method, cfg.rollout.engine),
                                src_dir=cfg.model.hf_path, stage_dir=self.run_dir / "weight_sync")
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
+        wandb = WandbSink.from_config(cfg.train, self.run_dir, as_container(cfg), "train") if self.is_rank0 else None
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_rank0, tensorboard=cfg.train.tensorboard,
-                                    progress_total=cfg.train.steps if cfg.train.progress else None)
+                                    progress_total=cfg.train.steps if cfg.train.progress else None,
+                                    label=f"train {cfg.algo.name}", wandb=wandb)
         if self.is_rank0:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
 
@@ -403,22 +406,27 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.coefficients.load_state_dict(state.get("coefficients", {}))
 
-    def close(self) -> None:
+    def close(self, summary: bool = True) -> None:
+        """Stop the server and the sinks; `summary`: print the summary block (after a completed run)."""
         self.sync.close()
         if self.stage is not None:
             self.stage.client.close()
         if self.server is not None:
             self.server.stop()
-        self.logger.close()
+        latest = self.ckpt.latest() if summary else None
+        self.logger.close({"checkpoint": latest} if latest else {}, summary=summary)
         destroy_distributed()
 
 
 def train(cfg: Config) -> dict[str, float]:
     trainer = Trainer(cfg)
+    done = False
     try:
-        return trainer.train()
+        metrics = trainer.train()
+        done = True
+        return metrics
     finally:
-        trainer.close()
+        trainer.close(summary=done)
 
 
 __all__ = ["Trainer", "train", "MicroBatch"]

@@ -23,6 +23,7 @@ sample reports the `weight_version` current when it finished.
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.metadata
 import inspect
 import logging
 import queue
@@ -56,6 +57,14 @@ from rollout.engines.sample_rows import (
 from rollout.engines.sampling import SamplingTensors, counter_uniforms, row_key, sample_next_tokens
 
 logger = logging.getLogger(__name__)
+
+
+def _package_version() -> str:
+    """calibrl-mcore's version: what `calibrl env` reports for an embedded server (SGLang and vLLM report theirs)."""
+    try:
+        return importlib.metadata.version("calibrl-mcore")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 DECODE_GRAPHS = ("auto", "on", "off")
 
@@ -104,6 +113,9 @@ class EmbeddedEngine(RolloutEngine):
 
         self._model_lock = threading.Lock()
         self._queue: queue.Queue[PendingRequest] = queue.Queue()
+        # Held while a batch of requests is enqueued, and by the scheduler while it drains the queue: a batch
+        # submitted together is admitted together (one prefill round, rows that decode in lockstep).
+        self._enqueue_lock = threading.Lock()
         self._waiting: deque[PendingRequest] = deque()
         self._batch: DecodeBatch | SlotBatch | None = None
         self._rows: list[SampleRow] = []
@@ -116,6 +128,24 @@ class EmbeddedEngine(RolloutEngine):
     # Public API
     # ----------------------------------------------------------------------------------------------
     def submit(self, request: GenerateRequest) -> concurrent.futures.Future[list[SampleOutput]]:
+        return self.submit_many([request])[0]
+
+    def generate(self, requests: list[GenerateRequest]) -> list[list[SampleOutput]]:
+        """Submit all requests as one batch (admitted together) and wait for them."""
+        return [f.result() for f in self.submit_many(requests)]
+
+    def submit_many(self, requests: list[GenerateRequest]) -> list[concurrent.futures.Future[list[SampleOutput]]]:
+        """Validate and build every request's prompt first (in the caller's thread), then enqueue them at once,
+        so the scheduler admits them in one round rather than starting to decode the first alone. A bad
+        request raises before anything is queued."""
+        built = [self._pending(r) for r in requests]
+        with self._enqueue_lock:
+            for pending in built:
+                if not pending.future.done():  # max_new_tokens = 0: answered already
+                    self._queue.put(pending)
+        return [pending.future for pending in built]
+
+    def _pending(self, request: GenerateRequest) -> PendingRequest:
         if self._stopping.is_set():
             raise RuntimeError("engine is shut down")
         request.sampling.validate()
@@ -135,9 +165,7 @@ class EmbeddedEngine(RolloutEngine):
         if request.sampling.max_new_tokens == 0:
             n = request.sampling.n
             future.set_result([empty_output(pending, self.tokenizer, self.weight_version) for _ in range(n)])
-            return future
-        self._queue.put(pending)
-        return future
+        return pending
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -199,6 +227,7 @@ class EmbeddedEngine(RolloutEngine):
             "is_generation": True,
             "weight_version": self.weight_version,
             "engine": "embedded",
+            "version": _package_version(),
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "max_context_len": self.max_context_len,
@@ -236,9 +265,10 @@ class EmbeddedEngine(RolloutEngine):
     def _admit(self, block: bool) -> None:
         """Move queued requests into the batch while their rows fit: prefill each, then merge once."""
         try:
-            while True:
-                self._waiting.append(self._queue.get(block=block and not self._waiting, timeout=0.05))
-                block = False
+            self._waiting.append(self._queue.get(block=block and not self._waiting, timeout=0.05))
+            with self._enqueue_lock:  # a batch being enqueued now is taken whole
+                while True:
+                    self._waiting.append(self._queue.get_nowait())
         except queue.Empty:
             pass
         if not self._waiting:
@@ -390,9 +420,12 @@ class EmbeddedEngine(RolloutEngine):
         else:
             row_tensors = self._row_tensors
         temperature, top_p, top_k, keys, all_greedy, needs_filter = row_tensors
-        # The uniform of token j of a sample is hash(key, j): independent of batch and timing.
-        steps = torch.tensor([len(row.output_ids) for row in rows], dtype=torch.int64).to(logits.device)
-        params = SamplingTensors(temperature, top_p, top_k, counter_uniforms(keys, steps), all_greedy, needs_filter)
+        if all_greedy:  # argmax: no random draw to make
+            uniforms = temperature
+        else:  # the uniform of token j of a sample is hash(key, j): independent of batch and timing
+            steps = torch.tensor([len(row.output_ids) for row in rows], dtype=torch.int64).to(logits.device)
+            uniforms = counter_uniforms(keys, steps)
+        params = SamplingTensors(temperature, top_p, top_k, uniforms, all_greedy, needs_filter)
         tokens, logprobs = sample_next_tokens(logits, params)
         # One device->host copy for both (float64 holds every token id exactly).
         tokens_and_logprobs = torch.stack([tokens.double(), logprobs.double()]).tolist()

@@ -79,7 +79,7 @@ HARDWARE: dict[str, Hardware] = {
 @dataclass(frozen=True)
 class Assumptions:
     mfu: float = 0.40  # fraction of peak reached by training / log-prob / prefill matmuls + attention
-    vision_mfu: float = 0.25  # Megatron/TE ViT; GPU.md's transformers-eager ViT reached only ~0.04
+    vision_mfu: float = 0.25  # Megatron/TE ViT; docs/gpu.md's transformers-eager ViT reached only ~0.04
     decode_hbm_efficiency: float = 0.75  # fraction of HBM bandwidth a decode step reaches
     decode_step_overhead_ms: float = 2.0  # scheduling, sampling + log-probs, launch gaps per decode step
     max_running: int = 512  # sequences an engine decodes at once (SGLang / vLLM cap)
