@@ -51,8 +51,6 @@ class ParallelSection:
     """CP degree: each sequence split into 2·CP load-balanced chunks; needs model.spec te or sdpa (not local)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism: norm/dropout activations split over TP (TP > 1; model.spec te or sdpa)."""
-    seed: int = 1234
-    """seed for parameter init, dropout and the trainer's RNGs."""
 
 
 @dataclass
@@ -65,8 +63,6 @@ class DataConfig:
     """prompts longer than this (after image-token expansion) are filtered out."""
     max_images: int = 10
     """images per prompt above this are an error for that row (skipped and counted)."""
-    seed: int = 0
-    """shuffling seed (the sampler's order is resumable)."""
     image_backend: str = "processor"
     """trainer-side image preprocessing: processor (the HF processor, CPU) | pil (data/dali.py's PIL path,
     identical pixels) | dali (NVIDIA DALI on the GPU) | auto (dali when CUDA and DALI are there, else pil)."""
@@ -189,6 +185,15 @@ class AlgoConfig:
 
 
 @dataclass
+class RewardsConfig:
+    gate_on_format: bool = False
+    """false: the paper's training reward r = acc + algo.format_weight · fmt, under which a right answer in a
+    broken format still passes (watch reward/pass_broken_format_frac). true: r = acc · fmt + format_weight · fmt,
+    accuracy counts only inside `<think>…</think><answer>…</answer>` (for tasks where the format matters).
+    Validation scores acc × fmt either way."""
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-6
     """peak learning rate (paper: 1e-6 constant)."""
@@ -214,6 +219,10 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    seed: int = 0
+    """seeds everything random in a run: parameter init, dropout and the trainer's RNGs (offset per pipeline
+    stage), the prompt order (resumable) and every rollout's sampling (`rollout_stage.rollout_seed`). Runs repeat
+    bit for bit on one machine with the same thread count; other CPUs / thread counts / GPUs round differently."""
     steps: int = 10
     """rollout steps (each: rollout → advantages → mini-batch updates → weight sync)."""
     prompts_per_step: int = 8
@@ -231,6 +240,10 @@ class TrainConfig:
     """evaluate on data.eval_path every N steps (0 = only at the end if eval_path is set)."""
     eval_prompts: int = 64
     """held-out prompts per evaluation."""
+    eval_samples: int = 0
+    """> 0: each evaluation also samples this many responses per held-out prompt at rollout.temperature (seeded
+    by train.seed, the same draws at every evaluation) and reports eval/pass@k, the unbiased estimate of the
+    chance that one of k samples is right (acc × fmt), for k = 1, 2, 4, ... up to this number."""
     tensorboard: bool = True
     """also write TensorBoard events."""
     progress: bool = True
@@ -266,6 +279,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -291,6 +305,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+MOVED_KEYS: dict[str, str] = {"data.seed": "train.seed", "parallel.seed": "train.seed"}
+"""Keys that were replaced: a config that still sets one gets an error naming its successor."""
+
+
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the key."""
 
@@ -309,6 +327,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be > 0, got {getattr(getattr(cfg, section), name)}")
     if cfg.algo.dynamic_sampling_max_rounds < 0:
         raise ConfigError(f"algo.dynamic_sampling_max_rounds must be >= 0, got {cfg.algo.dynamic_sampling_max_rounds}")
+    if cfg.train.eval_samples < 0:
+        raise ConfigError(f"train.eval_samples must be >= 0 (0 = greedy accuracy only), got {cfg.train.eval_samples}")
     if cfg.train.max_tokens_per_micro_batch < 0:
         raise ConfigError(f"train.max_tokens_per_micro_batch must be >= 0 (0 = off), got "
                           f"{cfg.train.max_tokens_per_micro_batch}")
@@ -358,7 +378,9 @@ def load_config(
     merged = OmegaConf.structured(Config)
     for where, layer in layers:  # one at a time, so that an error names its source
         try:
-            merged = OmegaConf.merge(merged, layer())
+            loaded = layer()
+            _refuse_moved_keys(loaded, where)
+            merged = OmegaConf.merge(merged, loaded)
         except OmegaConfBaseException as exc:
             key = getattr(exc, "full_key", None)
             msg = exc.msg if hasattr(exc, "msg") else exc
@@ -367,6 +389,13 @@ def load_config(
     _restore_on_off(cfg)
     _validate(cfg)
     return cfg
+
+
+def _refuse_moved_keys(layer: Any, where: str) -> None:
+    for old, new in MOVED_KEYS.items():
+        if isinstance(layer, DictConfig) and OmegaConf.select(layer, old, default=None) is not None:
+            raise ConfigError(f"{old}{where} was replaced by {new} (one seed for init, data order and rollout "
+                              f"sampling): set {new} instead")
 
 
 def _restore_on_off(cfg: Config) -> None:

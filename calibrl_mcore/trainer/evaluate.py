@@ -14,7 +14,7 @@ def evaluate_checkpoint(cfg: Config, model_path: str | None = None, limit: int |
     model_path = model_path or cfg.model.hf_path
     if not cfg.data.eval_path:
         raise ValueError("data.eval_path is empty: give the held-out set to evaluate on")
-    dataset = PromptDataset.from_path(cfg.data.eval_path, seed=cfg.data.seed)
+    dataset = PromptDataset.from_path(cfg.data.eval_path, seed=cfg.train.seed)
     n = min(limit or cfg.train.eval_prompts, len(dataset))
     server = None
     urls = list(cfg.rollout.urls)
@@ -23,8 +23,9 @@ def evaluate_checkpoint(cfg: Config, model_path: str | None = None, limit: int |
         urls = [server.url]
     try:
         with RolloutClient(urls, api_key=cfg.rollout.api_key or None, timeout=cfg.rollout.timeout_s) as client:
-            stage = RolloutStage(cfg.rollout, cfg.algo, model_path, client, cfg.data.image_backend)
-            return stage.evaluate([dataset[i] for i in range(n)])
+            stage = RolloutStage(cfg.rollout, cfg.algo, model_path, client, cfg.data.image_backend,
+                                 rewards=cfg.rewards, train_seed=cfg.train.seed)
+            return stage.evaluate([dataset[i] for i in range(n)], samples=cfg.train.eval_samples)
     finally:
         if server is not None:
             server.stop()

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def sft(cfg: Config) -> Path:
-    info = init_distributed(ParallelConfig.from_section(cfg.parallel))
+    info = init_distributed(ParallelConfig.from_section(cfg.parallel, cfg.train.seed))
     try:
         return _sft(cfg, info.rank == 0)
     finally:
@@ -44,8 +44,8 @@ def _sft(cfg: Config, is_rank0: bool) -> Path:
     policy = MegatronPolicy(cfg.model, optim, total_steps=cfg.sft.steps,
                             sequence_parallel=cfg.parallel.sequence_parallel)
     pos = lambda ids, grid, attn: position_ids(policy.hf_config, ids, grid, attn)  # noqa: E731
-    dataset = PromptDataset.from_path(cfg.data.train_path, max_images=cfg.data.max_images, seed=cfg.data.seed)
-    sampler = PromptSampler(len(dataset), seed=cfg.data.seed)
+    dataset = PromptDataset.from_path(cfg.data.train_path, max_images=cfg.data.max_images, seed=cfg.train.seed)
+    sampler = PromptSampler(len(dataset), seed=cfg.train.seed)
     encoder = PromptEncoder(cfg.model.hf_path, cfg.data.image_backend) if is_rank0 else None
     logger = MetricsLogger(run_dir / "sft", enabled=is_rank0, tensorboard=cfg.train.tensorboard,
                            progress_total=cfg.sft.steps if cfg.train.progress else None)
@@ -84,5 +84,5 @@ def _sft(cfg: Config, is_rank0: bool) -> Path:
         metrics.update(policy.optimizer_step())
         logger.log(step + 1, metrics)
     logger.close()
-    random.seed(cfg.parallel.seed)
+    random.seed(cfg.train.seed)
     return export_hf(policy, cfg.model.hf_path, out_dir)
