@@ -182,6 +182,9 @@ class AlgoConfig:
     """experts failing the verifier: none (use them) | drop (no calibration for the group) | downweight."""
     expert_gate_weight: float = 0.5
     """calibration weight of a group whose experts all fail the verifier (expert_gate=downweight)."""
+    calibration_groups: str = "all"
+    """CalibRL: groups that get the calibration term: all (the paper) | with_pass (only groups where some rollout
+    passes; a group where all fail but rewards differ, e.g. by format, would otherwise only push log-probs down)."""
 
 
 @dataclass
@@ -300,6 +303,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "algo.lam_schedule": ("constant", "linear", "cosine", "entropy"),
     "algo.expert_agg": ("mean", "max", "logmeanexp"),
     "algo.expert_gate": ("none", "drop", "downweight"),
+    "algo.calibration_groups": ("all", "with_pass"),
     "algo.agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
     "optim.lr_schedule": ("constant", "cosine", "linear"),
 }

@@ -1,7 +1,8 @@
 """End-to-end trainer tests: the real `calibrl train` CLI (plain python or torchrun + gloo) on a tiny
 SFT'd Qwen2.5-VL-architecture model, with its colocated rollout server as a child process.
 
-    1. one process, 2 steps: metrics.jsonl and a `latest` checkpoint
+    1. one process, 2 steps: metrics.jsonl and a `latest` checkpoint; the same command repeats bit for bit,
+       another train.seed changes the first step's prompts and rollouts
     2. DP=2 / TP=2 / PP=2 first-step loss == DP=1's (identical rollouts: the server's seed is per step)
     3. two "nodes" on localhost through tools/launch/multinode.sh (DP=2)
     4. kill -9 mid-run, rerun: resumes from `latest` and replays the uninterrupted losses; half-written
@@ -233,6 +234,26 @@ def test_single_process_two_steps(dp1_run):
     assert (ckpts / "latest").read_text().strip() == "step_00000002"
     assert (ckpts / "step_00000002" / "COMPLETE").is_file()
     print(f"\n[dp1] losses {[r['train/loss'] for r in rows]} rewards {[r['reward/mean'] for r in rows]}")
+
+
+# Metrics that legitimately differ between two runs of one command: wall-clock ones, and the rollout
+# server's own log-probs (`rollout/logprob_mismatch_*`): its continuous batching groups rows by arrival time,
+# so their rounding (~1e-7) varies. Sampled tokens come from per-(seed, sample, position) uniforms and repeat.
+UNREPEATABLE = ("time/", "rollout/time_s", "rollout/tokens_per_s", "train/tokens_per_s", "rollout/logprob_mismatch")
+
+
+@pytest.mark.distributed
+def test_train_seed_repeats_bit_exactly_and_moves_everything(tiny, dp1_run):
+    """The same command (same train.seed, one thread) repeats every number bit for bit; another train.seed
+    changes the prompts and the rollouts of the very first step."""
+    again = _metrics(_train(tiny, "dp1_again", 1, "train.steps=2"))
+    ref = _metrics(dp1_run)
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(UNREPEATABLE)} for r in rows]  # noqa: E731
+    assert strip(again) == strip(ref)
+    other = _metrics(_train(tiny, "seed1", 1, "train.steps=1", "train.seed=1"))[0]
+    moved = [k for k in ("reward/mean", "rollout/response_len", "train/loss", "grad_norm") if other[k] != ref[0][k]]
+    print(f"\n[train.seed] repeat identical over {len(ref[0])} metrics; seed 1 moves {moved}")
+    assert len(moved) >= 3, (other, ref[0])
 
 
 # ------------------------------------------------------------------------------------------ 2. layouts

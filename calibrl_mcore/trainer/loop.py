@@ -324,6 +324,8 @@ class Trainer:
                     out[:m] = (ok[:m].float() if valid else b[:m])
                 return out.tolist()
 
+            no_cal = (groups_without_pass(rows, algo.pass_threshold)  # no calibration term for these groups
+                      if algo.name == "calibrl" and algo.calibration_groups == "with_pass" else set())
             token_extras = {
                 "old_logp": lambda i: old[i].tolist(),
                 "expert_logp": lambda i: baseline(i, valid=False),
@@ -333,7 +335,8 @@ class Trainer:
                 "advantages": lambda i: stats[i][0],
                 "passed": lambda i: stats[i][1],
                 "is_expert": lambda i: bool(rows[i].is_expert),
-                "gate": lambda i: (baselines[rows[i].group_id][2] if rows[i].group_id in baselines else 1.0),
+                "gate": lambda i: (0.0 if rows[i].group_id in no_cal else
+                                   baselines[rows[i].group_id][2] if rows[i].group_id in baselines else 1.0),
             }
         mbs = [collate(rows, c, self.position_ids, token_extras, row_extras, pad_id=self.pad_id,
                        pad_multiple=self.policy.pad_multiple)
@@ -420,6 +423,11 @@ class Trainer:
         destroy_distributed()
 
 
+def groups_without_pass(rows: Sequence[Row], pass_threshold: float) -> set[int]:
+    """Ids of the groups none of whose on-policy rollouts passes (the expert row does not count)."""
+    return {r.group_id for r in rows} - {r.group_id for r in rows if not r.is_expert and r.reward > pass_threshold}
+
+
 def train(cfg: Config) -> dict[str, float]:
     trainer = Trainer(cfg)
     try:
@@ -428,4 +436,4 @@ def train(cfg: Config) -> dict[str, float]:
         trainer.close()
 
 
-__all__ = ["Trainer", "train", "MicroBatch"]
+__all__ = ["Trainer", "train", "groups_without_pass", "MicroBatch"]
