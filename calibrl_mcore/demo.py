@@ -119,7 +119,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
     spec = StudySpec(config=str(REPO / "configs/tiny_cpu.yaml"), arms=ARMS, seeds=list(s.seeds), out=out / "runs",
                      common=[*common, f"model.hf_path={sft / 'hf'}", f"train.steps={s.rl_steps}",
                              f"optim.lr={s.lr}", f"train.eval_samples={s.eval_samples}"],
-                     jobs=s.jobs, threads=1)
+                     jobs=s.jobs, threads=1, reuse=False)  # data and the SFT start are reused, the RL runs are not
     print(f"$ {len(ARMS)} arms × {len(s.seeds)} seeds of `calibrl train`, {s.jobs} at a time "
           f"(runs in {spec.out})", flush=True)
     runs = run_study(spec)

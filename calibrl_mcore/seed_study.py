@@ -9,8 +9,8 @@ per arm plus paired differences with 95% intervals and a computed verdict (`cali
 A seed fixes the start's prompt order and every rollout's sampling (`train.seed`), so arm A and arm B
 at seed s differ only by the algorithm: a per-seed difference removes the shared luck of the draw.
 Runs use a fixed number of torch threads each, which keeps each one bit-for-bit repeatable on one
-machine. A run whose metrics.jsonl already holds its final evaluation is not run again: an interrupted
-study continues where it stopped (delete the run folder to redo one).
+machine. With `reuse`, a run whose metrics.jsonl already holds its final evaluation is not run again: an
+interrupted study continues where it stopped (delete the run folder to redo one).
 """
 
 from __future__ import annotations
@@ -60,6 +60,9 @@ class StudySpec:
     """runs at a time (each: a trainer and its rollout server, which mostly take turns on one core)."""
     threads: int = 1
     """torch threads per process; the same value must be used to repeat a run bit for bit."""
+    reuse: bool = True
+    """keep runs whose metrics.jsonl already holds a final evaluation (continue an interrupted study); False
+    reruns every run."""
 
 
 @dataclass
@@ -126,7 +129,7 @@ def run_study(spec: StudySpec, log=print) -> list[RunResult]:
         while todo and len(running) < spec.jobs:
             arm, seed = todo.pop(0)
             run_dir = _run_dir(spec, arm, seed)
-            done = read_run(run_dir)
+            done = read_run(run_dir) if spec.reuse else {}
             if done:
                 results[arm, seed] = RunResult(arm, seed, str(run_dir), 0, done)
                 continue

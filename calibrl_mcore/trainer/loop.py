@@ -71,8 +71,11 @@ class Trainer:
             if not urls[0]:  # colocated: we start the server ourselves, a child process on loopback
                 self.server = start_rollout_server(cfg.rollout, cfg.model.hf_path, self.run_dir)
                 urls = [[self.server.url]]
+            # One request per server per call: a server admits a request's prompts together, so a step's rows
+            # batch the same way in every rerun (concurrent chunks would batch by arrival order).
+            per_server = -(-max(cfg.train.prompts_per_step, cfg.train.eval_prompts) // len(urls[0]))
             client = RolloutClient(urls[0], api_key=cfg.rollout.api_key or None, timeout=cfg.rollout.timeout_s,
-                                   max_retries=cfg.rollout.max_retries)
+                                   max_retries=cfg.rollout.max_retries, batch_size=max(8, per_server))
             self.stage = RolloutStage(cfg.rollout, cfg.algo, cfg.model.hf_path, client, cfg.data.image_backend,
                                       rewards=cfg.rewards, train_seed=cfg.train.seed)
         dist.broadcast_object_list(urls, src=0)

@@ -103,7 +103,7 @@ class EmbeddedEngine(RolloutEngine):
         self._graph_decoder = self._checked_graph_decoder(decode_graphs)
 
         self._model_lock = threading.Lock()
-        self._queue: queue.Queue[PendingRequest] = queue.Queue()
+        self._queue: queue.Queue[list[PendingRequest]] = queue.Queue()  # one item per submit / submit_batch
         self._waiting: deque[PendingRequest] = deque()
         self._batch: DecodeBatch | SlotBatch | None = None
         self._rows: list[SampleRow] = []
@@ -116,6 +116,26 @@ class EmbeddedEngine(RolloutEngine):
     # Public API
     # ----------------------------------------------------------------------------------------------
     def submit(self, request: GenerateRequest) -> concurrent.futures.Future[list[SampleOutput]]:
+        return self.submit_batch([request])[0]
+
+    def submit_batch(self, requests: list[GenerateRequest]) -> list[concurrent.futures.Future[list[SampleOutput]]]:
+        """Queue the requests as one unit: the scheduler admits them together, so which rows share a decode
+        batch (and with it the rounding of every row's logits) depends on the requests, not on how fast they
+        were tokenized. With each step's prompts in one call, a rerun samples the same tokens."""
+        pending = []
+        for i, request in enumerate(requests):
+            try:
+                pending.append(self._pending(request))
+            except EngineInputError as exc:
+                if len(requests) > 1:
+                    raise EngineInputError(exc.field, f"{exc.message} (prompt {i})") from exc
+                raise
+        queued = [p for p in pending if not p.future.done()]  # max_new_tokens = 0 completes at once
+        if queued:
+            self._queue.put(queued)
+        return [p.future for p in pending]
+
+    def _pending(self, request: GenerateRequest) -> PendingRequest:
         if self._stopping.is_set():
             raise RuntimeError("engine is shut down")
         request.sampling.validate()
@@ -135,9 +155,7 @@ class EmbeddedEngine(RolloutEngine):
         if request.sampling.max_new_tokens == 0:
             n = request.sampling.n
             future.set_result([empty_output(pending, self.tokenizer, self.weight_version) for _ in range(n)])
-            return future
-        self._queue.put(pending)
-        return future
+        return pending
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -237,7 +255,7 @@ class EmbeddedEngine(RolloutEngine):
         """Move queued requests into the batch while their rows fit: prefill each, then merge once."""
         try:
             while True:
-                self._waiting.append(self._queue.get(block=block and not self._waiting, timeout=0.05))
+                self._waiting.extend(self._queue.get(block=block and not self._waiting, timeout=0.05))
                 block = False
         except queue.Empty:
             pass
@@ -445,7 +463,7 @@ class EmbeddedEngine(RolloutEngine):
         drained = list(self._waiting) + [row.pending for row in self._rows]
         while True:
             try:
-                drained.append(self._queue.get_nowait())
+                drained.extend(self._queue.get_nowait())
             except queue.Empty:
                 return drained
 
