@@ -27,7 +27,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from calibrl_mcore.seed_study import StudySpec, run_study, summarize, write_report
+from calibrl_mcore.seed_study import StudySpec, run_study, summarize, trajectory, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,7 +134,13 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
     header = (f"Held-out set: {s.n_eval} synthetic prompts, greedy, acc × fmt. SFT start: accuracy "
               f"{start['eval/accuracy']:.3f}, format {start['eval/format']:.3f}. RL: {s.rl_steps} steps per run at "
               f"lr {s.lr:g}, rollout.max_new_tokens {max_new} (longest expert + {s.token_margin}).\n\n")
-    text = write_report(report, runs, out, header=header, footer=f"\nVerdict — {headline}\n",
+    # λ = 0 is GRPO's loss computed by CalibRL's code: same seed, same numbers, or the machinery is off.
+    same = sum(trajectory(out / "runs" / "calibrl_lam0" / f"seed_{seed}") == trajectory(out / "runs" / REFERENCE /
+                                                                                        f"seed_{seed}")
+               for seed in report.seeds)
+    check = (f"Check — calibrl_lam0 (λ = 0) repeated {REFERENCE} bit for bit in {same} of {len(report.seeds)} seeds"
+             f"{'' if same == len(report.seeds) else ': the machinery differs from GRPO, see the runs'}.\n")
+    text = write_report(report, runs, out, header=header, footer=f"\n{check}Verdict — {headline}\n",
                         extra={"settings": asdict(s), "max_new_tokens": max_new, "sft_start": start})
     print(f"\n{text}\nplot: {plot}\n({time.time() - t0:.0f}s in all; one torch thread per process, "
           f"{s.jobs} runs at a time: rerunning on this machine repeats these numbers)")

@@ -119,6 +119,16 @@ def read_run(run_dir: Path, window: int = WINDOW) -> dict[str, float]:
     return out
 
 
+WALL_CLOCK = ("time/", "rollout/time_s", "rollout/tokens_per_s", "train/tokens_per_s")
+"""Metric prefixes that measure time: the only ones two runs of one command on one machine may differ in."""
+
+
+def trajectory(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl without its wall-clock metrics (what a rerun must repeat bit for bit)."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if not k.startswith(WALL_CLOCK)} for x in lines if x.strip()]
+
+
 def run_study(spec: StudySpec, log=print) -> list[RunResult]:
     """Run every (arm, seed) not already finished, seed-major (so a partial study still pairs up)."""
     todo = [(arm, seed) for seed in spec.seeds for arm in spec.arms]

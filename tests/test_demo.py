@@ -48,3 +48,5 @@ def test_quick_demo_reports_paired_seeds_and_a_computed_verdict(tmp_path):
     summary = (out / "summary.md").read_text()
     assert f"Seeds {seeds} (n = 2 per arm" in summary and "Verdict — eval accuracy (acc×fmt): " in summary
     assert summary in proc.stdout and (out / "plots" / "arms.png").is_file()
+    # λ = 0 through CalibRL's code is GRPO's loss: with the same seed, the same run to the last bit
+    assert f"repeated grpo bit for bit in {len(seeds)} of {len(seeds)} seeds." in summary
