@@ -34,6 +34,7 @@ WINDOW = 5
 METRICS: dict[str, str] = {
     "eval/accuracy": "eval accuracy (acc×fmt)",
     "eval/format": "eval format",
+    "entropy_start": "entropy (step 1)",
     "entropy_end": f"entropy (last {WINDOW} steps)",
     "pass_rate_end": f"train pass rate (last {WINDOW} steps)",
     "broken_format_end": f"passes with broken format (last {WINDOW} steps)",
