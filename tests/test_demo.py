@@ -11,7 +11,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from calibrl_mcore.demo import ARMS, QUICK, longest_expert_tokens
+from calibrl_mcore.demo import ARMS, QUICK, longest_expert_tokens, repeats
 from calibrl_mcore.stats import paired_difference
 from tests.torchrun_utils import REPO
 
@@ -50,3 +50,5 @@ def test_quick_demo_reports_paired_seeds_and_a_computed_verdict(tmp_path):
     assert summary in proc.stdout and (out / "plots" / "arms.png").is_file()
     # λ = 0 through CalibRL's code is GRPO's loss: with the same seed, the same run to the last bit
     assert f"repeated grpo bit for bit in {len(seeds)} of {len(seeds)} seeds." in summary
+    runs_dir = out / "runs"
+    assert not repeats(runs_dir / "grpo" / "seed_0", runs_dir / "calibrl" / "seed_0")  # the check can fail
