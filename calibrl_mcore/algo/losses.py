@@ -305,6 +305,11 @@ def calibrl_loss(
     full_rows = (full.to(torch.float32) * cal_mask).sum(dim=-1)  # [B]
     metrics["leaky_pos_frac"] = (pushed * full_rows).sum() / norm.num_tokens
     metrics["leaky_neg_frac"] = (pushed * (cal_mask.sum(dim=-1) - full_rows)).sum() / norm.num_tokens
+    # The calibration weight |A|·T per row, split by push direction (failing rows are pushed down): at low pass
+    # rates most of it pushes down, since groups that all fail but differ in format have |A| > 0.
+    mass = weight * cal_mask.sum(dim=-1)  # [B]
+    metrics["cal_mass_up"] = (mass * passed.to(torch.float32)).sum() / norm.num_tokens
+    metrics["cal_mass_down"] = (mass * (1.0 - passed.to(torch.float32))).sum() / norm.num_tokens
     return _finish(
         {"pg": (1.0, pg.loss), "cal": (lam, cal)}, mask, norm, metrics,
         entropy=entropy, entropy_coef=entropy_coef, ref_logp=ref_logp, logp=lp, kl_coef=kl_coef,
