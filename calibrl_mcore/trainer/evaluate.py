@@ -22,7 +22,9 @@ def evaluate_checkpoint(cfg: Config, model_path: str | None = None, limit: int |
         server = EmbeddedServerProcess(model_path, api_key=cfg.rollout.api_key).start()
         urls = [server.url]
     try:
-        with RolloutClient(urls, api_key=cfg.rollout.api_key or None, timeout=cfg.rollout.timeout_s) as client:
+        # all prompts in one request per server: batched the same way every time (see Trainer.__init__)
+        with RolloutClient(urls, api_key=cfg.rollout.api_key or None, timeout=cfg.rollout.timeout_s,
+                           batch_size=max(8, -(-n // len(urls)))) as client:
             stage = RolloutStage(cfg.rollout, cfg.algo, model_path, client, cfg.data.image_backend,
                                  rewards=cfg.rewards, train_seed=cfg.train.seed)
             return stage.evaluate([dataset[i] for i in range(n)], samples=cfg.train.eval_samples)
