@@ -185,8 +185,7 @@ def summarize(runs: list[RunResult], reference: str, compared: tuple[str, ...] =
     all_seeds = list(dict.fromkeys(r.seed for r in runs))
     seeds = [s for s in all_seeds if all((a, s) in by for a in arms)]
     failed = [f"{r.arm} seed {r.seed}" for r in runs if (r.arm, r.seed) not in by]
-    keys = [k for k in METRICS] + sorted({k for m in by.values() for k in m if k.startswith("eval/pass@")},
-                                         key=lambda k: int(k.split("@")[1]))
+    keys = [*METRICS, *_pass_at_keys(by.values())]
     per_arm: dict[str, dict[str, dict]] = {}
     for arm in arms:
         per_arm[arm] = {}
@@ -211,6 +210,11 @@ def summarize(runs: list[RunResult], reference: str, compared: tuple[str, ...] =
     return Report(arms, reference, seeds, per_arm, differences, verdicts, failed)
 
 
+def _pass_at_keys(dicts) -> list[str]:
+    """The eval/pass@k keys found in any of `dicts`, by k."""
+    return sorted({k for d in dicts for k in d if k.startswith("eval/pass@")}, key=lambda k: int(k.split("@")[1]))
+
+
 def _cell(stat: dict | None) -> str:
     if not stat:
         return "–"
@@ -226,14 +230,13 @@ def _interval(d: dict | None) -> str:
 def render_markdown(report: Report) -> str:
     """Tables (per-arm mean ± sd; paired differences against the reference) and the verdict lines."""
     keys = [k for k in METRICS if any(k in report.per_arm[a] for a in report.arms)]
-    keys += sorted({k for a in report.arms for k in report.per_arm[a] if k.startswith("eval/pass@")},
-                   key=lambda k: int(k.split("@")[1]))
+    keys += _pass_at_keys(report.per_arm.values())
     n = len(report.seeds)
     lines = [f"Seeds {report.seeds} (n = {n} per arm, the same seeds in every arm); mean ± sd over seeds.", "",
              "| arm | " + " | ".join(METRICS.get(k, k) for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for arm in report.arms:
         lines.append(f"| {arm} | " + " | ".join(_cell(report.per_arm[arm].get(k)) for k in keys) + " |")
-    compared = [k for k in COMPARED if any(k in d for d in report.differences.values())]
+    compared = list(dict.fromkeys(k for d in report.differences.values() for k in d))
     if compared:
         lines += ["", f"Paired differences against {report.reference} (mean, 95% t-interval over the {n} seeds):", "",
                   "| arm − " + report.reference + " | " + " | ".join(METRICS.get(k, k) for k in compared) + " |",
