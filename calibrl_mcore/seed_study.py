@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from calibrl_mcore.stats import describe, paired_difference, verdict
+from calibrl_mcore.stats import describe, familywise_level, level_name, paired_difference, verdict
 
 REPO = Path(__file__).resolve().parents[1]
 WINDOW = 5
@@ -177,9 +177,15 @@ class Report:
     """arm (≠ reference) -> metric -> {"n", "mean", "sd", "lo", "hi"} of arm − reference over `seeds`."""
     verdicts: list[str]
     failed: list[str]
+    level: float = 0.95
+    """the level of each interval (above 95% when corrected for several comparisons)."""
 
 
-def summarize(runs: list[RunResult], reference: str, compared: tuple[str, ...] = COMPARED) -> Report:
+def summarize(runs: list[RunResult], reference: str, compared: tuple[str, ...] = COMPARED,
+              familywise: bool = False) -> Report:
+    """Per-arm summaries over the seeds every arm finished, and each arm's paired difference against `reference`
+    on the `compared` metrics. `familywise`: intervals at the Bonferroni level for all those comparisons
+    together, so that the chance of any false verdict in the table stays at 5%."""
     arms = list(dict.fromkeys(r.arm for r in runs))
     by = {(r.arm, r.seed): r.metrics for r in runs if r.returncode == 0 and r.metrics}
     all_seeds = list(dict.fromkeys(r.seed for r in runs))
@@ -195,6 +201,7 @@ def summarize(runs: list[RunResult], reference: str, compared: tuple[str, ...] =
                 per_arm[arm][key] = vars(describe(vals))
     differences: dict[str, dict[str, dict]] = {}
     verdicts = []
+    level = familywise_level((len(arms) - 1) * len(compared)) if familywise else 0.95
     for arm in arms:
         if arm == reference or not seeds:
             continue
@@ -204,10 +211,10 @@ def summarize(runs: list[RunResult], reference: str, compared: tuple[str, ...] =
                      if math.isfinite(by[arm, s].get(key, math.nan)) and math.isfinite(by[reference, s].get(key, math.nan))]
             if not pairs:
                 continue
-            diff = paired_difference([a for a, _ in pairs], [b for _, b in pairs])
+            diff = paired_difference([a for a, _ in pairs], [b for _, b in pairs], level)
             differences[arm][key] = vars(diff)
             verdicts.append(verdict(diff, arm, reference, METRICS.get(key, key)))
-    return Report(arms, reference, seeds, per_arm, differences, verdicts, failed)
+    return Report(arms, reference, seeds, per_arm, differences, verdicts, failed, level)
 
 
 def _pass_at_keys(dicts) -> list[str]:
@@ -238,7 +245,10 @@ def render_markdown(report: Report) -> str:
         lines.append(f"| {arm} | " + " | ".join(_cell(report.per_arm[arm].get(k)) for k in keys) + " |")
     compared = list(dict.fromkeys(k for d in report.differences.values() for k in d))
     if compared:
-        lines += ["", f"Paired differences against {report.reference} (mean, 95% t-interval over the {n} seeds):", "",
+        corrected = (f"; Bonferroni over {sum(len(d) for d in report.differences.values())} comparisons"
+                     if report.level > 0.95 + 1e-9 else "")
+        lines += ["", f"Paired differences against {report.reference} (mean, {level_name(report.level)} t-interval "
+                      f"over the {n} seeds{corrected}):", "",
                   "| arm − " + report.reference + " | " + " | ".join(METRICS.get(k, k) for k in compared) + " |",
                   "|---" * (len(compared) + 1) + "|"]
         for arm, diffs in report.differences.items():

@@ -3,6 +3,9 @@
 - `describe(xs)`: mean and sample sd over seeds.
 - `paired_difference(a, b)`: a and b ran with the same seeds (same start, prompt order and rollout seeds),
   so each seed gives one difference a_s − b_s; the 95% interval is mean ± t(0.975, n−1) · sd / √n.
+- `familywise_level(m)`: the per-comparison level that keeps the chance of any false verdict among m
+  comparisons at 5% (Bonferroni): a study comparing 6 arms on 3 metrics would otherwise print about one
+  spurious "higher"/"lower" by chance.
 - `verdict(...)`: the one line a reader takes away, computed from that interval, never written by hand.
 - `pass_at_k(n, c, k)`: the unbiased pass@k estimate from n samples of which c are right (Chen et al.
   2021, "Evaluating Large Language Models Trained on Code", eq. 1).
@@ -68,13 +71,14 @@ class Summary:
 
 @dataclass(frozen=True)
 class PairedDifference:
-    """a − b over n paired seeds: mean, sd of the differences, and the 95% t-interval [lo, hi]."""
+    """a − b over n paired seeds: mean, sd of the differences, and the t-interval [lo, hi] at `level`."""
 
     n: int
     mean: float
     sd: float
     lo: float
     hi: float
+    level: float = 0.95
 
     @property
     def covers_zero(self) -> bool:
@@ -100,18 +104,28 @@ def paired_difference(a: Sequence[float], b: Sequence[float], level: float = 0.9
     d = [float(x) - float(y) for x, y in zip(a, b)]
     n, mean = len(d), statistics.fmean(d)
     if n < 2:
-        return PairedDifference(1, mean, math.nan, math.nan, math.nan)
+        return PairedDifference(1, mean, math.nan, math.nan, math.nan, level)
     sd = statistics.stdev(d)
     half = t_quantile(0.5 + level / 2.0, n - 1) * sd / math.sqrt(n)
-    return PairedDifference(n, mean, sd, mean - half, mean + half)
+    return PairedDifference(n, mean, sd, mean - half, mean + half, level)
+
+
+def familywise_level(comparisons: int, level: float = 0.95) -> float:
+    """Bonferroni: each of `comparisons` intervals at 1 − (1 − level)/m, so all hold together with `level`."""
+    return 1.0 - (1.0 - level) / max(comparisons, 1)
+
+
+def level_name(level: float) -> str:
+    """95% / 99.72% ...: enough digits to tell the level apart."""
+    return f"{100 * level:.{0 if round(100 * level, 6).is_integer() else 2}f}%"
 
 
 def verdict(diff: PairedDifference, a: str, b: str, metric: str) -> str:
-    """One line computed from the 95% interval of a − b: which is higher, or that the seeds cannot tell."""
+    """One line computed from the interval of a − b: which is higher, or that the seeds cannot tell."""
     seeds = f"{diff.n} seed{'s' if diff.n != 1 else ''}"
     if diff.n < 2:
         return f"{metric}: {a} − {b} = {diff.mean:+.3f} from 1 seed: no interval, no verdict"
-    ci = f"{a} − {b} = {diff.mean:+.3f}, 95% CI [{diff.lo:+.3f}, {diff.hi:+.3f}]"
+    ci = f"{a} − {b} = {diff.mean:+.3f}, {level_name(diff.level)} CI [{diff.lo:+.3f}, {diff.hi:+.3f}]"
     if diff.covers_zero:
         return f"{metric}: no significant difference at {seeds} ({ci})"
     return f"{metric}: {a} {'higher' if diff.mean > 0 else 'lower'} than {b} at {seeds} ({ci})"

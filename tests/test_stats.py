@@ -11,7 +11,15 @@ import statistics
 import pytest
 
 from calibrl_mcore.seed_study import RunResult, read_run, render_markdown, summarize
-from calibrl_mcore.stats import describe, paired_difference, pass_at_k, pass_at_k_values, t_quantile, verdict
+from calibrl_mcore.stats import (
+    describe,
+    familywise_level,
+    paired_difference,
+    pass_at_k,
+    pass_at_k_values,
+    t_quantile,
+    verdict,
+)
 from calibrl_mcore.trainer.rollout_stage import EVAL_STEP, rollout_seed
 
 # Student-t 0.975 / 0.95 quantiles as printed in standard tables (e.g. NIST/SEMATECH e-Handbook, table 1.3.6.7.2).
@@ -93,6 +101,17 @@ def test_summarize_pairs_by_seed_and_leaves_failed_runs_out():
     assert any(v.startswith("entropy (last 5 steps): calibrl higher than grpo at 4 seeds") for v in report.verdicts)
     text = render_markdown(report)
     assert "Seeds [0, 1, 2, 3] (n = 4 per arm" in text and "eval/pass@4" in text and "grpo seed 4" in text
+
+
+def test_familywise_intervals_widen_with_the_number_of_comparisons():
+    assert familywise_level(1) == pytest.approx(0.95) and familywise_level(10) == pytest.approx(0.995)
+    runs = [_run(arm, seed, 0.2 + (0.03 + 0.01 * seed if arm == "a" else 0.0), 0.3)
+            for seed in range(4) for arm in ("ref", "a", "b")]
+    plain, fw = summarize(runs, "ref"), summarize(runs, "ref", familywise=True)
+    assert fw.level == pytest.approx(1 - 0.05 / 4)  # 2 arms × 2 compared metrics
+    d_plain, d_fw = plain.differences["a"]["eval/accuracy"], fw.differences["a"]["eval/accuracy"]
+    assert d_fw["lo"] < d_plain["lo"] and d_fw["hi"] > d_plain["hi"]
+    assert "98.75% CI" in " ".join(fw.verdicts) and "Bonferroni over 4 comparisons" in render_markdown(fw)
 
 
 def test_read_run_takes_the_final_eval_and_the_last_steps(tmp_path):

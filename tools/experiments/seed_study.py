@@ -108,7 +108,7 @@ def run_part(name: str, out: Path, start: Path, seeds: list[int], steps: int, jo
                 "train.tensorboard=false", "checkpoint.keep_last=1"],
         out=out / name / "runs", jobs=jobs, threads=1)
     runs = run_study(spec)
-    report = summarize(runs, reference="grpo", compared=("eval/accuracy", "eval/pass@8", "entropy_end"))
+    report = summarize(runs, reference="grpo", compared=("eval/accuracy", "eval/pass@8", "entropy_end"), familywise=True)
     from tools.plot_metrics import plot_arms
 
     plot_arms({arm: [Path(r.run_dir) for r in runs if r.arm == arm and r.returncode == 0] for arm in arms},
