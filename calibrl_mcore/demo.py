@@ -140,7 +140,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
 
     from tools.plot_metrics import plot_arms
 
-    plot = plot_arms({arm: [Path(r.run_dir) for r in runs if r.arm == arm] for arm in ARMS}, out / "plots")
+    plot = plot_arms({arm: [Path(r.run_dir) for r in runs if r.arm == arm] for arm in ARMS}, out / "plots", smooth=5)
     headline = next(v for v in report.verdicts if v.startswith("eval accuracy") and f"calibrl − {REFERENCE}" in v)
     header = (f"Held-out set: {s.n_eval} synthetic prompts, greedy, acc × fmt. SFT start: accuracy "
               f"{start['eval/accuracy']:.3f}, format {start['eval/format']:.3f}. RL: {s.rl_steps} steps per run at "

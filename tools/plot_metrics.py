@@ -71,8 +71,9 @@ ARM_PANELS = ("train/entropy", "reward/pass_rate", "reward/pass_broken_format_fr
 """What `plot_arms` draws: the curves a seed study's verdict lines are about."""
 
 
-def plot_arms(arms: dict[str, list[Path]], out_dir: Path, keys: tuple[str, ...] = ARM_PANELS) -> Path:
-    """One figure, a panel per metric: each arm's mean over its seeds' runs per step, shaded ± sd."""
+def plot_arms(arms: dict[str, list[Path]], out_dir: Path, keys: tuple[str, ...] = ARM_PANELS, smooth: int = 1) -> Path:
+    """One figure, a panel per metric: each arm's mean over its seeds' runs per step, shaded ± sd; with `smooth`
+    > 1 both are averaged over the last `smooth` steps (one step's rollouts are few samples: noisy)."""
     import statistics
 
     runs = {arm: [read_metrics(Path(d)) for d in dirs] for arm, dirs in arms.items()}
@@ -88,12 +89,12 @@ def plot_arms(arms: dict[str, list[Path]], out_dir: Path, keys: tuple[str, ...] 
             xs = sorted(by_step)
             if not xs:
                 continue
-            mean = [statistics.fmean(by_step[x]) for x in xs]
-            sd = [statistics.stdev(by_step[x]) if len(by_step[x]) > 1 else 0.0 for x in xs]
+            mean = _trailing_mean([statistics.fmean(by_step[x]) for x in xs], smooth)
+            sd = _trailing_mean([statistics.stdev(by_step[x]) if len(by_step[x]) > 1 else 0.0 for x in xs], smooth)
             line = ax.plot(xs, mean, label=f"{arm} (n={len(seeds)})")[0]
             ax.fill_between(xs, [m - e for m, e in zip(mean, sd)], [m + e for m, e in zip(mean, sd)],
                             color=line.get_color(), alpha=0.15)
-        ax.set_title(key, fontsize=9)
+        ax.set_title(key + (f" ({smooth}-step mean)" if smooth > 1 else ""), fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
@@ -102,6 +103,10 @@ def plot_arms(arms: dict[str, list[Path]], out_dir: Path, keys: tuple[str, ...] 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _trailing_mean(xs: list[float], window: int) -> list[float]:
+    return [sum(xs[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(xs))]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -112,7 +112,7 @@ def run_part(name: str, out: Path, start: Path, seeds: list[int], steps: int, jo
     from tools.plot_metrics import plot_arms
 
     plot_arms({arm: [Path(r.run_dir) for r in runs if r.arm == arm and r.returncode == 0] for arm in arms},
-              out / name)
+              out / name, smooth=10)
     header = (f"{name}: {steps} RL steps per run at lr {lr:g}; this invocation took {time.time() - t0:.0f}s "
               f"(finished runs are reused).\n\n")
     print(write_report(report, runs, out / name, header=header, extra={"arms": arms, "steps": steps, "lr": lr}))
