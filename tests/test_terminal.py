@@ -118,11 +118,10 @@ def test_summary_block_splits_wall_time_and_lists_paths():
 # ------------------------------------------------------------------------------------------ 3. line budgets
 
 
-DEMO_LINE_BUDGET = 16
-
-
-def test_demo_output_fits_its_line_budget(tmp_path):
-    from calibrl_mcore.demo import phase_line, result_block
+def test_demo_phase_lines_are_short(tmp_path):
+    """One short line per demo phase: the sub-command and its short settings, never the long paths (those go
+    to demo.log). The demo's whole output has its budget in tests/test_demo.py (a real quick demo)."""
+    from calibrl_mcore.demo import phase_line
 
     log = tmp_path / "demo.log"
     long_path = "/very/long/" + "x" * 200
@@ -132,11 +131,6 @@ def test_demo_output_fits_its_line_budget(tmp_path):
               *(["train", "--config", long_path, f"data.train_path={long_path}", f"algo.name={a}", "train.steps=30"]
                 for a in ("calibrl", "grpo"))]
     lines = [phase_line(p, log) for p in phases]
-    row = {"accuracy": 0.5, "format": 0.9, "entropy": 1.2}
-    plots = [tmp_path / "plots" / f"{p}.png" for p in ("reward", "entropy", "loss", "eval", "timing")]
-    lines += ["", *result_block({"sft start": {**row, "entropy": None}, "calibrl": row, "grpo": row}, 64, 30,
-                                312.0, plots, tmp_path).splitlines()]
-    assert len(lines) <= DEMO_LINE_BUDGET, "\n".join(lines)
     assert max(map(len, lines)) <= 160, "\n".join(lines)  # no path-long command lines
     assert "$ calibrl train algo.name=grpo train.steps=30   (output: demo.log)" in lines
     assert lines[0] == "$ calibrl data synth   (output: demo.log)"

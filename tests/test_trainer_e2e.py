@@ -1,7 +1,8 @@
 """End-to-end trainer tests: the real `calibrl train` CLI (plain python or torchrun + gloo) on a tiny
 SFT'd Qwen2.5-VL-architecture model, with its colocated rollout server as a child process.
 
-    1. one process, 2 steps: metrics.jsonl and a `latest` checkpoint
+    1. one process, 2 steps: metrics.jsonl and a `latest` checkpoint; the same command repeats bit for bit,
+       another train.seed changes the first step's prompts and rollouts
     2. DP=2 / TP=2 / PP=2 first-step loss == DP=1's (identical rollouts: the server's seed is per step);
        uneven pipeline stages (1+2 layers) train, and resume at another split (2+1) and at PP=1
     3. two "nodes" on localhost through tools/launch/multinode.sh (DP=2)
@@ -234,6 +235,22 @@ def test_single_process_two_steps(dp1_run):
     assert (ckpts / "latest").read_text().strip() == "step_00000002"
     assert (ckpts / "step_00000002" / "COMPLETE").is_file()
     print(f"\n[dp1] losses {[r['train/loss'] for r in rows]} rewards {[r['reward/mean'] for r in rows]}")
+
+
+@pytest.mark.distributed
+def test_train_seed_repeats_bit_exactly_and_moves_everything(tiny, dp1_run):
+    """The same command (same train.seed, one thread) repeats every number but the timings bit for bit, the
+    rollout server's own log-probs included (it batches a step's prompts the same way every time); another
+    train.seed changes the prompts and the rollouts of the very first step."""
+    from calibrl_mcore.seed_study import trajectory
+
+    again = _train(tiny, "dp1_again", 1, "train.steps=2")
+    assert trajectory(again) == trajectory(dp1_run)
+    ref = _metrics(dp1_run)
+    other = _metrics(_train(tiny, "seed1", 1, "train.steps=1", "train.seed=1"))[0]
+    moved = [k for k in ("reward/mean", "rollout/response_len", "train/loss", "grad_norm") if other[k] != ref[0][k]]
+    print(f"\n[train.seed] repeat identical over {len(ref[0])} metrics; seed 1 moves {moved}")
+    assert len(moved) >= 3, (other, ref[0])
 
 
 # ------------------------------------------------------------------------------------------ 2. layouts

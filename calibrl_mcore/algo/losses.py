@@ -279,6 +279,12 @@ def calibrl_loss(
     pushed_tokens = ((weight > 0).to(torch.float64) * row_tokens.to(torch.float64)).sum()  # exact counts
     metrics["leaky_pos_frac"] = ((pushed_tokens - damped) / norm.num_tokens).to(torch.float32)
     metrics["leaky_neg_frac"] = (damped / norm.num_tokens).to(torch.float32)
+    # The calibration weight |A|·T per row, split by push direction (failing rows are pushed down): at low pass
+    # rates most of it pushes down, since groups that all fail but differ in format have |A| > 0.
+    mass = weight * row_tokens.to(torch.float32)  # [B]
+    up = passed.to(torch.float32)
+    metrics["cal_mass_up"] = (mass * up).sum() / norm.num_tokens
+    metrics["cal_mass_down"] = (mass * (1.0 - up)).sum() / norm.num_tokens
     return _finish(
         {"pg": (1.0, pg.loss), "cal": (lam, cal)}, mask, norm, metrics,
         entropy=entropy, entropy_coef=entropy_coef, ref_logp=ref_logp, logp=lp, kl_coef=kl_coef,

@@ -20,7 +20,7 @@ def evaluate_checkpoint(cfg: Config, model_path: str | None = None, limit: int |
     model_path = model_path or cfg.model.hf_path
     if not cfg.data.eval_path:
         raise ValueError("data.eval_path is empty: give the held-out set to evaluate on")
-    dataset = PromptDataset.from_path(cfg.data.eval_path, seed=cfg.data.seed)
+    dataset = PromptDataset.from_path(cfg.data.eval_path, seed=cfg.train.seed)
     n = min(limit or cfg.train.eval_prompts, len(dataset))
     server = None
     urls = list(cfg.rollout.urls)
@@ -33,12 +33,17 @@ def evaluate_checkpoint(cfg: Config, model_path: str | None = None, limit: int |
     show = cfg.train.progress if progress is None else progress
     line = ProgressLine(f"eval {Path(cfg.data.eval_path).name}", n, EVAL_FIELDS, unit="item") if show else None
     try:
-        with RolloutClient(urls, api_key=cfg.rollout.api_key or None, timeout=cfg.rollout.timeout_s) as client:
-            stage = RolloutStage(cfg.rollout, cfg.algo, model_path, client, cfg.data.image_backend)
+        # Fixed-size chunks, each in one request per server: batched the same way every time (see
+        # Trainer.__init__), so a rerun samples the same tokens; the chunks feed the progress line.
+        with RolloutClient(urls, api_key=cfg.rollout.api_key or None, timeout=cfg.rollout.timeout_s,
+                           batch_size=max(8, -(-min(CHUNK, n) // len(urls)))) as client:
+            stage = RolloutStage(cfg.rollout, cfg.algo, model_path, client, cfg.data.image_backend,
+                                 rewards=cfg.rewards, train_seed=cfg.train.seed)
             totals: dict[str, float] = {}
             result: dict[str, float] = {}
             for start in range(0, n, CHUNK):
-                part = stage.evaluate([dataset[i] for i in range(start, min(start + CHUNK, n))])
+                part = stage.evaluate([dataset[i] for i in range(start, min(start + CHUNK, n))],
+                                      samples=cfg.train.eval_samples)
                 for key, value in part.items():  # means -> sums, weighted by the chunk's size
                     totals[key] = totals.get(key, 0.0) + (value if key == "eval/n" else value * part["eval/n"])
                 done = totals.get("eval/n", 0.0)

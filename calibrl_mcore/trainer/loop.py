@@ -55,7 +55,7 @@ TRAINS_EXPERT_ROWS = {"luffy", "rlplus"}  # families whose loss has an off-polic
 class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.info = init_distributed(ParallelConfig.from_section(cfg.parallel))
+        self.info = init_distributed(ParallelConfig.from_section(cfg.parallel, cfg.train.seed))
         self.is_rank0 = self.info.rank == 0
         self.run_dir = Path(cfg.train.run_dir)
         total_updates = cfg.train.steps * cfg.train.mini_batches_per_step
@@ -64,10 +64,10 @@ class Trainer:
                                      pipeline_split=PipelineSplit.from_section(cfg.parallel))
         self.position_ids = lambda ids, grid, attn: position_ids(self.policy.hf_config, ids, grid, attn)
         self.dataset = PromptDataset.from_path(cfg.data.train_path, max_images=cfg.data.max_images,
-                                               seed=cfg.data.seed)
+                                               seed=cfg.train.seed)
         # (PromptDataset logs the skipped corrupt rows itself; the count also goes into the metrics.)
-        self.sampler = PromptSampler(len(self.dataset), seed=cfg.data.seed)
-        self.eval_set = PromptDataset.from_path(cfg.data.eval_path, seed=cfg.data.seed) if cfg.data.eval_path else None
+        self.sampler = PromptSampler(len(self.dataset), seed=cfg.train.seed)
+        self.eval_set = PromptDataset.from_path(cfg.data.eval_path, seed=cfg.train.seed) if cfg.data.eval_path else None
         self.step = 0
         self.weight_version = 0
         self.coefficients = CoefficientSchedule(cfg.algo, cfg.train.steps)
@@ -81,9 +81,13 @@ class Trainer:
                 self.server = start_rollout_server(cfg.rollout, cfg.model.hf_path, self.run_dir, method=method,
                                                    trainer_gpus=trainer_gpus)
                 urls = [[self.server.url]]
+            # One request per server per call: a server admits a request's prompts together, so a step's rows
+            # batch the same way in every rerun (concurrent chunks would batch by arrival order).
+            per_server = -(-max(cfg.train.prompts_per_step, cfg.train.eval_prompts) // len(urls[0]))
             client = RolloutClient(urls[0], api_key=cfg.rollout.api_key or None, timeout=cfg.rollout.timeout_s,
-                                   max_retries=cfg.rollout.max_retries)
-            self.stage = RolloutStage(cfg.rollout, cfg.algo, cfg.model.hf_path, client, cfg.data.image_backend)
+                                   max_retries=cfg.rollout.max_retries, batch_size=max(8, per_server))
+            self.stage = RolloutStage(cfg.rollout, cfg.algo, cfg.model.hf_path, client, cfg.data.image_backend,
+                                      rewards=cfg.rewards, train_seed=cfg.train.seed)
         dist.broadcast_object_list(urls, src=0)
         pad = [self.stage.pad_id if self.stage else 0]
         dist.broadcast_object_list(pad, src=0)
@@ -325,6 +329,8 @@ class Trainer:
                     out[:m] = (ok[:m].float() if valid else b[:m])
                 return out.tolist()
 
+            no_cal = (groups_without_pass(rows, algo.pass_threshold)  # no calibration term for these groups
+                      if algo.name == "calibrl" and algo.calibration_groups == "with_pass" else set())
             token_extras = {
                 "old_logp": lambda i: old[i].tolist(),
                 "expert_logp": lambda i: baseline(i, valid=False),
@@ -334,7 +340,8 @@ class Trainer:
                 "advantages": lambda i: stats[i][0],
                 "passed": lambda i: stats[i][1],
                 "is_expert": lambda i: bool(rows[i].is_expert),
-                "gate": lambda i: (baselines[rows[i].group_id][2] if rows[i].group_id in baselines else 1.0),
+                "gate": lambda i: (0.0 if rows[i].group_id in no_cal else
+                                   baselines[rows[i].group_id][2] if rows[i].group_id in baselines else 1.0),
             }
         mbs = [collate(rows, c, self.position_ids, token_extras, row_extras, pad_id=self.pad_id,
                        pad_multiple=self.policy.pad_multiple)
@@ -369,9 +376,14 @@ class Trainer:
         by_group: dict[int, list[float]] = {}
         for r in on:
             by_group.setdefault(r.group_id, []).append(r.reward)
+        passing = [r for r in on if r.reward > self.cfg.algo.pass_threshold]
         return {
             "reward/mean": sum(r.reward for r in on) / max(len(on), 1),
-            "reward/pass_rate": sum(r.reward > self.cfg.algo.pass_threshold for r in on) / max(len(on), 1),
+            "reward/pass_rate": len(passing) / max(len(on), 1),
+            # Reward hacking under r = acc + 0.1·fmt: the share of passes bought with a broken format
+            # (undefined, so not logged, in a step where nothing passes).
+            "reward/pass_broken_format_frac": (sum(r.fmt < 1.0 for r in passing) / len(passing) if passing
+                                               else float("nan")),
             "reward/acc": sum(r.acc for r in on) / max(len(on), 1),
             "reward/format": sum(r.fmt for r in on) / max(len(on), 1),
             "reward/group_all_equal_frac": sum(len(set(v)) == 1 for v in by_group.values()) / max(len(by_group), 1),
@@ -390,7 +402,7 @@ class Trainer:
         out: list = [None]
         if self.is_rank0 and self.eval_set is not None:
             n = min(self.cfg.train.eval_prompts, len(self.eval_set))
-            out = [self.stage.evaluate([self.eval_set[i] for i in range(n)])]
+            out = [self.stage.evaluate([self.eval_set[i] for i in range(n)], samples=self.cfg.train.eval_samples)]
         dist.broadcast_object_list(out, src=0)
         return out[0] or {}
 
@@ -418,6 +430,11 @@ class Trainer:
         destroy_distributed()
 
 
+def groups_without_pass(rows: Sequence[Row], pass_threshold: float) -> set[int]:
+    """Ids of the groups none of whose on-policy rollouts passes (the expert row does not count)."""
+    return {r.group_id for r in rows} - {r.group_id for r in rows if not r.is_expert and r.reward > pass_threshold}
+
+
 def train(cfg: Config) -> dict[str, float]:
     trainer = Trainer(cfg)
     done = False
@@ -429,4 +446,4 @@ def train(cfg: Config) -> dict[str, float]:
         trainer.close(summary=done)
 
 
-__all__ = ["Trainer", "train", "MicroBatch"]
+__all__ = ["Trainer", "train", "groups_without_pass", "MicroBatch"]

@@ -9,6 +9,7 @@ uses are the ones the server generated from (checked per sample against the serv
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import time
@@ -18,12 +19,13 @@ from dataclasses import dataclass
 import torch
 
 from calibrl_mcore.algo.dapo import overlong_penalty
-from calibrl_mcore.config import AlgoConfig, RolloutConfig
+from calibrl_mcore.config import AlgoConfig, RewardsConfig, RolloutConfig
 from calibrl_mcore.data.images import ImageRef, PILImagePipeline
 from calibrl_mcore.data.schema import Example
 from calibrl_mcore.data.template import as_expert_response, build_messages
 from calibrl_mcore.data.vision_inputs import PromptTokenizer, VisionPromptEncoder
 from calibrl_mcore.rewards import acc_x_fmt_reward, compute_reward
+from calibrl_mcore.stats import pass_at_k, pass_at_k_values
 from calibrl_mcore.trainer.batch import Row
 from rollout.client import RolloutClient, RolloutRequestError
 from rollout.engines.prompts import load_processor
@@ -33,6 +35,21 @@ log = logging.getLogger(__name__)
 
 class RolloutFailure(RuntimeError):
     """The rollout servers could not serve the step (after the client's own retries)."""
+
+
+EVAL_STEP = -1
+"""The `step` of `rollout_seed` for evaluation samples: no training step uses it, and every evaluation of a
+run draws the same uniforms, so checkpoints (and arms of a paired study) are compared on equal terms."""
+
+
+def rollout_seed(train_seed: int, step: int, round_index: int) -> int:
+    """The sampling seed of a step's `round_index`-th rollout batch (dynamic-sampling refills are rounds ≥ 1).
+
+    A hash, so that runs with different `train.seed` share no step's draws (an affine mix of the three would
+    map seed s, step k onto seed s', step k'). 31 bits: every engine's seed field holds it.
+    """
+    key = f"calibrl-rollout/{train_seed}/{step}/{round_index}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & 0x7FFFFFFF
 
 
 @dataclass
@@ -122,9 +139,12 @@ class RolloutStage:
     """Turns examples into rows with the help of a rollout client (one per trainer, on rank 0)."""
 
     def __init__(self, cfg: RolloutConfig, algo: AlgoConfig, model_path: str, client: RolloutClient,
-                 image_backend: str = "processor") -> None:
+                 image_backend: str = "processor", *, rewards: RewardsConfig | None = None,
+                 train_seed: int = 0) -> None:
         self.cfg, self.algo, self.client = cfg, algo, client
         client.check_servers()  # a server without the routes fails here, not with a 404 mid-run
+        self.rewards = rewards or RewardsConfig()
+        self.train_seed = train_seed
         self.encoder = PromptEncoder(model_path, image_backend)
         self.pad_id = self.encoder.pad_id
 
@@ -148,7 +168,7 @@ class RolloutStage:
             "n": self.cfg.n_samples,
         }
         # The seed travels as one `sampling_seed` per sample (rollout/client.py: SGLang has no `seed`).
-        seed = 1_000_003 * (step + 1) + 7_919 * round_index
+        seed = rollout_seed(self.train_seed, step, round_index)
         samples = self._generate([{"text": p.text, "image_data": p.images} for p in inputs], params, seed)
         rollout_s = time.perf_counter() - t0
         rows: list[Row] = []
@@ -166,7 +186,7 @@ class RolloutStage:
                 ids, logprobs, finish = ids[:cut], logprobs[:cut], "vision_token"
                 text = self.encoder.tokenizer.decode(ids, skip_special_tokens=True)
                 n_cut += 1
-            r = compute_reward(text, ex.answer, format_weight=self.algo.format_weight)
+            r = self._reward(text, ex.answer)
             if self.algo.overlong_buffer > 0:  # DAPO's soft overlong punishment, added to the reward
                 penalty = float(overlong_penalty(torch.tensor([len(s.output_ids)]), self.cfg.max_new_tokens,
                                                  self.algo.overlong_buffer, self.algo.overlong_penalty)[0])
@@ -177,7 +197,7 @@ class RolloutStage:
                                   logprobs=logprobs, finish=finish, text=text))
         for k, (ex, inp) in enumerate(zip(examples, inputs)):
             for j, (expert, ids) in enumerate(self.encoder.experts(ex, self.algo.num_experts)):
-                r = compute_reward(expert, ex.answer, format_weight=self.algo.format_weight)
+                r = self._reward(expert, ex.answer)
                 row = self._row(ex, inp, first_group_id + k, True, ids, r, text=expert)
                 row.extras["expert_index"] = j
                 rows.append(row)
@@ -194,6 +214,10 @@ class RolloutStage:
         }
         return rows, metrics
 
+    def _reward(self, text: str, answer: str):
+        return compute_reward(text, answer, format_weight=self.algo.format_weight,
+                              gate_on_format=self.rewards.gate_on_format)
+
     def _row(self, ex: Example, inp: PromptInputs, group_id: int, is_expert: bool, response_ids: list[int],
              reward, *, logprobs=None, finish: str = "", text: str = "") -> Row:
         if not math.isfinite(reward.reward):
@@ -206,18 +230,28 @@ class RolloutStage:
             acc=float(reward.acc), fmt=float(reward.fmt), finish_reason=finish, text=text,
         )
 
-    def evaluate(self, examples: Sequence[Example]) -> dict[str, float]:
-        """Greedy, n = 1, reward acc × fmt (the paper's validation protocol)."""
+    def evaluate(self, examples: Sequence[Example], samples: int = 0) -> dict[str, float]:
+        """Greedy, n = 1, reward acc × fmt (the paper's validation protocol); with `samples` > 0 also that many
+        samples per prompt at the training temperature, scored the same way, as eval/pass@k."""
         if not examples:
             return {}
         inputs = [self.encoder.prompt_tokens(ex) for ex in examples]
-        params = {"max_new_tokens": self.cfg.max_new_tokens, "temperature": 0.0, "n": 1}
-        samples = self._generate([{"text": p.text, "image_data": p.images} for p in inputs], params)
-        scores = [acc_x_fmt_reward(s.text, examples[s.prompt_index].answer) for s in samples]
+        prompts = [{"text": p.text, "image_data": p.images} for p in inputs]
+        greedy = self._generate(prompts, {"max_new_tokens": self.cfg.max_new_tokens, "temperature": 0.0, "n": 1})
+        scores = [acc_x_fmt_reward(s.text, examples[s.prompt_index].answer) for s in greedy]
         n = max(len(scores), 1)
-        return {
+        metrics = {
             "eval/accuracy": sum(r.reward for r in scores) / n,
             "eval/acc": sum(r.acc for r in scores) / n,
             "eval/format": sum(r.fmt for r in scores) / n,
             "eval/n": float(len(scores)),
         }
+        if samples > 0:
+            params = {"max_new_tokens": self.cfg.max_new_tokens, "temperature": self.cfg.temperature,
+                      "top_p": self.cfg.top_p, "top_k": self.cfg.top_k, "n": samples}
+            right = [0] * len(examples)
+            for s in self._generate(prompts, params, rollout_seed(self.train_seed, EVAL_STEP, 0)):
+                right[s.prompt_index] += int(acc_x_fmt_reward(s.text, examples[s.prompt_index].answer).reward > 0)
+            for k in pass_at_k_values(samples):
+                metrics[f"eval/pass@{k}"] = sum(pass_at_k(samples, c, k) for c in right) / len(right)
+        return metrics

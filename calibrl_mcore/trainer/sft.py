@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 def sft(cfg: Config) -> Path:
-    info = init_distributed(ParallelConfig.from_section(cfg.parallel))
+    info = init_distributed(ParallelConfig.from_section(cfg.parallel, cfg.train.seed))
     try:
         return _sft(cfg, info.rank == 0)
     finally:
@@ -48,8 +48,8 @@ def _sft(cfg: Config, is_rank0: bool) -> Path:
                             sequence_parallel=cfg.parallel.sequence_parallel,
                             pipeline_split=PipelineSplit.from_section(cfg.parallel))
     pos = lambda ids, grid, attn: position_ids(policy.hf_config, ids, grid, attn)  # noqa: E731
-    dataset = PromptDataset.from_path(cfg.data.train_path, max_images=cfg.data.max_images, seed=cfg.data.seed)
-    sampler = PromptSampler(len(dataset), seed=cfg.data.seed)
+    dataset = PromptDataset.from_path(cfg.data.train_path, max_images=cfg.data.max_images, seed=cfg.train.seed)
+    sampler = PromptSampler(len(dataset), seed=cfg.train.seed)
     encoder = PromptEncoder(cfg.model.hf_path, cfg.data.image_backend) if is_rank0 else None
     wandb = WandbSink.from_config(cfg.train, run_dir / "sft", as_container(cfg), "sft") if is_rank0 else None
     logger = MetricsLogger(run_dir / "sft", enabled=is_rank0, tensorboard=cfg.train.tensorboard,
@@ -89,7 +89,7 @@ def _sft(cfg: Config, is_rank0: bool) -> Path:
         metrics = from_last_stage(metrics)
         metrics.update(policy.optimizer_step())
         logger.log(step + 1, metrics)
-    random.seed(cfg.parallel.seed)
+    random.seed(cfg.train.seed)
     exported = export_hf(policy, cfg.model.hf_path, out_dir)
     logger.close({"hf checkpoint": exported})
     return exported

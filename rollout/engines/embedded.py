@@ -112,10 +112,7 @@ class EmbeddedEngine(RolloutEngine):
         self._graph_decoder = self._checked_graph_decoder(decode_graphs)
 
         self._model_lock = threading.Lock()
-        self._queue: queue.Queue[PendingRequest] = queue.Queue()
-        # Held while a batch of requests is enqueued, and by the scheduler while it drains the queue: a batch
-        # submitted together is admitted together (one prefill round, rows that decode in lockstep).
-        self._enqueue_lock = threading.Lock()
+        self._queue: queue.Queue[list[PendingRequest]] = queue.Queue()  # one item per submit / submit_batch
         self._waiting: deque[PendingRequest] = deque()
         self._batch: DecodeBatch | SlotBatch | None = None
         self._rows: list[SampleRow] = []
@@ -128,22 +125,24 @@ class EmbeddedEngine(RolloutEngine):
     # Public API
     # ----------------------------------------------------------------------------------------------
     def submit(self, request: GenerateRequest) -> concurrent.futures.Future[list[SampleOutput]]:
-        return self.submit_many([request])[0]
+        return self.submit_batch([request])[0]
 
-    def generate(self, requests: list[GenerateRequest]) -> list[list[SampleOutput]]:
-        """Submit all requests as one batch (admitted together) and wait for them."""
-        return [f.result() for f in self.submit_many(requests)]
-
-    def submit_many(self, requests: list[GenerateRequest]) -> list[concurrent.futures.Future[list[SampleOutput]]]:
-        """Validate and build every request's prompt first (in the caller's thread), then enqueue them at once,
-        so the scheduler admits them in one round rather than starting to decode the first alone. A bad
-        request raises before anything is queued."""
-        built = [self._pending(r) for r in requests]
-        with self._enqueue_lock:
-            for pending in built:
-                if not pending.future.done():  # max_new_tokens = 0: answered already
-                    self._queue.put(pending)
-        return [pending.future for pending in built]
+    def submit_batch(self, requests: list[GenerateRequest]) -> list[concurrent.futures.Future[list[SampleOutput]]]:
+        """Queue the requests as one unit: the scheduler admits them together, so which rows share a decode
+        batch (and with it the rounding of every row's logits) depends on the requests, not on how fast they
+        were tokenized. With each step's prompts in one call, a rerun samples the same tokens."""
+        pending = []
+        for i, request in enumerate(requests):
+            try:
+                pending.append(self._pending(request))
+            except EngineInputError as exc:
+                if len(requests) > 1:
+                    raise EngineInputError(exc.field, f"{exc.message} (prompt {i})") from exc
+                raise
+        queued = [p for p in pending if not p.future.done()]  # max_new_tokens = 0 completes at once
+        if queued:
+            self._queue.put(queued)
+        return [p.future for p in pending]
 
     def _pending(self, request: GenerateRequest) -> PendingRequest:
         if self._stopping.is_set():
@@ -265,10 +264,9 @@ class EmbeddedEngine(RolloutEngine):
     def _admit(self, block: bool) -> None:
         """Move queued requests into the batch while their rows fit: prefill each, then merge once."""
         try:
-            self._waiting.append(self._queue.get(block=block and not self._waiting, timeout=0.05))
-            with self._enqueue_lock:  # a batch being enqueued now is taken whole
-                while True:
-                    self._waiting.append(self._queue.get_nowait())
+            while True:
+                self._waiting.extend(self._queue.get(block=block and not self._waiting, timeout=0.05))
+                block = False
         except queue.Empty:
             pass
         if not self._waiting:
@@ -478,7 +476,7 @@ class EmbeddedEngine(RolloutEngine):
         drained = list(self._waiting) + [row.pending for row in self._rows]
         while True:
             try:
-                drained.append(self._queue.get_nowait())
+                drained.extend(self._queue.get_nowait())
             except queue.Empty:
                 return drained
 
