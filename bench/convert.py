@@ -214,7 +214,7 @@ def main() -> None:
             "generate_s": round(time.perf_counter() - start, 1),
         },  # fmt: skip
     }
-    tool = [sys.executable, "-m", "tools.convert_checkpoint"]
+    tool = [sys.executable, "-m", "calibrl_mcore.convert_checkpoint"]
     largest = max(sizes) / 2**20
     runs = {"hf_to_mcore_tp1": [*tool, "hf-to-mcore", "--hf-dir", str(hf), "--out-dir", str(mcore), "--dtype", "bf16"],
             "mcore_to_hf_tp1": [*tool, "mcore-to-hf", "--mcore-dir", str(mcore), "--out-dir", str(back)]}  # fmt: skip

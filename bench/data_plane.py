@@ -66,7 +66,7 @@ def make_inputs(tmp: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     import numpy as np
     from PIL import Image
 
-    from tools.make_tiny_model import make_tiny_model
+    from calibrl_mcore.make_tiny_model import make_tiny_model
 
     model = Path(make_tiny_model("qwen2_5_vl", tmp / "tiny", seed=0))
     def real_max_pixels(node):  # every image-processor section's size.longest_edge (pixels per image)

@@ -50,7 +50,7 @@ def write_checkpoint(out: Path, shape: dict[str, int], dtype: torch.dtype, devic
     """A Qwen2.5-VL checkpoint with `shape`'s text decoder and the tiny model's tokenizer and processor."""
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
 
-    from tools.make_tiny_model import make_tiny_model
+    from calibrl_mcore.make_tiny_model import make_tiny_model
 
     make_tiny_model("qwen2_5_vl", out, seed=0, num_layers=1)  # tokenizer, processor, special-token ids
     cfg = AutoConfig.from_pretrained(out).to_dict()

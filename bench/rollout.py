@@ -256,7 +256,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
         if model_dir is None:
-            from tools.make_tiny_model import make_tiny_model
+            from calibrl_mcore.make_tiny_model import make_tiny_model
 
             model_dir = make_tiny_model("qwen2_5_vl", Path(tmp) / "tiny", seed=0)
         report: dict[str, Any] = {

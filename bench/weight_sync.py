@@ -42,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def launch(args: argparse.Namespace) -> None:
+    from calibrl_mcore.make_tiny_model import make_tiny_model
     from rollout.launcher import free_port
-    from tools.make_tiny_model import make_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         model = make_tiny_model("qwen2_5_vl", Path(tmp) / "tiny", seed=0, num_layers=args.layers)

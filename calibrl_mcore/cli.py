@@ -144,7 +144,7 @@ def _dispatch(argv: list[str], verbose: bool) -> int:
 
         return sweep_main(argv[1:])
     if argv[:1] == ["convert"]:
-        from tools.convert_checkpoint import main as convert_main
+        from calibrl_mcore.convert_checkpoint import main as convert_main
 
         return convert_main(argv[1:])
 

@@ -382,19 +382,36 @@ def _validate_pipeline_split(section: ParallelSection) -> None:
                           "parallel.pipeline_model_parallel_size=1: uneven stages need PP > 1 (set them to null)")
 
 
-LAYOUT_DIR = Path(__file__).resolve().parents[1] / "configs" / "layouts"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+"""The shipped configs (package data; the checkout's top-level `configs/` links here)."""
+LAYOUT_DIR = CONFIG_DIR / "layouts"
+
+
+def _shipped(value: str | Path, folder: Path) -> Path | None:
+    """`value` if it is a file, else the shipped YAML of that bare name in `folder` (with or without .yaml)."""
+    path = Path(value)
+    if path.is_file() or path.name != str(value):
+        return path if path.is_file() else None
+    return next((p for p in (folder / f"{value}.yaml", folder / str(value)) if p.is_file()), None)
 
 
 def resolve_layout(layout: str | Path) -> Path:
     """A layout file path, or the name of one in configs/layouts (e.g. 'qwen2_5_vl_32b_h100x32')."""
-    path = Path(layout)
-    if path.is_file():
-        return path
-    named = LAYOUT_DIR / f"{layout}.yaml"
-    if named.is_file():
-        return named
-    known = sorted(p.stem for p in LAYOUT_DIR.glob("*.yaml"))
-    raise ConfigError(f"layout {str(layout)!r} is neither a file nor one of configs/layouts: {known}")
+    found = _shipped(layout, LAYOUT_DIR)
+    if found is None:
+        known = sorted(p.stem for p in LAYOUT_DIR.glob("*.yaml"))
+        raise ConfigError(f"layout {str(layout)!r} is neither a file nor one of configs/layouts: {known}")
+    return found
+
+
+def resolve_config(config: str | Path) -> Path:
+    """A config file path, or the name of a shipped one (e.g. 'tiny_cpu', 'qwen2_5_vl_7b'): an installed
+    package finds its configs without a checkout."""
+    found = _shipped(config, CONFIG_DIR)
+    if found is None:
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"config file {config} does not exist (nor is it a shipped config: {known})")
+    return found
 
 
 def load_config(
@@ -402,12 +419,9 @@ def load_config(
 ) -> Config:
     """Defaults ← YAML file ← cluster layout file (`resolve_layout`) ← `key.sub=value` overrides; returns a
     validated typed `Config`."""
-    files = [Path(path)] if path else []
+    files = [resolve_config(path)] if path else []
     if layout:
         files.append(resolve_layout(layout))
-    for file in files:
-        if not file.is_file():
-            raise ConfigError(f"config file {file} does not exist")
     bad = [o for o in overrides or [] if "=" not in o]
     if bad:
         raise ConfigError(f"overrides must look like key.sub=value, got {bad}")

@@ -29,9 +29,8 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from calibrl_mcore.config import CONFIG_DIR
 from calibrl_mcore.seed_study import StudySpec, run_study, summarize, trajectory, write_report
-
-REPO = Path(__file__).resolve().parents[1]
 
 ARMS: dict[str, list[str]] = {
     "grpo": ["algo.name=grpo"],
@@ -79,7 +78,7 @@ def _calibrl(args: list[str], log: Path, stdout=None) -> None:
     with open(log, "a") as f:
         f.write(f"$ calibrl {' '.join(args)}\n")
         f.flush()
-        proc = subprocess.run(cmd, cwd=REPO, stdout=stdout or f, stderr=f)
+        proc = subprocess.run(cmd, stdout=stdout or f, stderr=f)
     if proc.returncode != 0:
         raise SystemExit(f"step failed (exit {proc.returncode}): see {log}")
 
@@ -108,7 +107,7 @@ def repeats(reference: Path, other: Path) -> bool:
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
-    from tools.make_tiny_model import make_tiny_model
+    from calibrl_mcore.make_tiny_model import make_tiny_model
 
     s = QUICK if quick else FULL
     out = Path(out).resolve()
@@ -126,7 +125,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
     max_new = longest_expert_tokens(base, data / "train.jsonl") + s.token_margin
     common = [f"data.train_path={data / 'train.jsonl'}", f"data.eval_path={data / 'eval.jsonl'}",
               f"train.eval_prompts={s.n_eval}", f"rollout.max_new_tokens={max_new}", "train.progress=false"]
-    config = ["--config", str(REPO / "configs/tiny_cpu.yaml")]
+    config = ["--config", str(CONFIG_DIR / "tiny_cpu.yaml")]
 
     sft = out / "sft"
     if not (sft / "hf" / "config.json").exists():
@@ -137,7 +136,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
         _calibrl(["eval", *config, *common, "--model", str(sft / "hf")], log, stdout=f)
     start = json.loads(start_eval.read_text())
 
-    spec = StudySpec(config=str(REPO / "configs/tiny_cpu.yaml"), arms=ARMS, seeds=list(s.seeds), out=out / "runs",
+    spec = StudySpec(config=str(CONFIG_DIR / "tiny_cpu.yaml"), arms=ARMS, seeds=list(s.seeds), out=out / "runs",
                      common=[*common, f"model.hf_path={sft / 'hf'}", f"train.steps={s.rl_steps}",
                              f"optim.lr={s.lr}", f"train.eval_samples={s.eval_samples}"],
                      jobs=s.jobs, threads=1, reuse=False)  # data and the SFT start are reused, the RL runs are not
@@ -148,7 +147,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
     if report.failed:
         raise SystemExit(f"demo runs failed: {', '.join(report.failed)} (logs next to their run folders)")
 
-    from tools.plot_metrics import plot_arms
+    from calibrl_mcore.plot_metrics import plot_arms
 
     plot = plot_arms({arm: [Path(r.run_dir) for r in runs if r.arm == arm] for arm in ARMS}, out / "plots", smooth=5)
     headline = next(v for v in report.verdicts if v.startswith("eval accuracy") and f"calibrl − {REFERENCE}" in v)

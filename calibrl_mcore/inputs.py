@@ -33,7 +33,7 @@ def require_hf_checkpoint(path: str | Path, field: str, *, tokenizer: bool = Tru
     """`path` is an HF checkpoint directory: config.json and *.safetensors (+ tokenizer / processor files)."""
     if not str(path):
         raise InputError(f"{field} is empty: give an HF checkpoint directory (e.g. one made by "
-                         f"`python tools/make_tiny_model.py --arch qwen2_5_vl --out ckpt/tiny`)")
+                         f"`python -m calibrl_mcore.make_tiny_model --arch qwen2_5_vl --out ckpt/tiny`)")
     p = Path(path)
     where = _describe(field, str(path))
     if not p.is_dir():

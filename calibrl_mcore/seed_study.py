@@ -154,7 +154,7 @@ def run_study(spec: StudySpec, log=print) -> list[RunResult]:
             run_dir.parent.mkdir(parents=True, exist_ok=True)
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a half-finished run starts over
             logf = open(run_dir.parent / f"seed_{seed}.log", "w")  # noqa: SIM115 (closed when it ends)
-            proc = subprocess.Popen(_command(spec, arm, seed), cwd=REPO, env=env, stdout=logf,
+            proc = subprocess.Popen(_command(spec, arm, seed), env=env, stdout=logf,
                                     stderr=subprocess.STDOUT)
             running.append(((arm, seed), proc, time.time(), logf))
         time.sleep(0.2)

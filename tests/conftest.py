@@ -35,7 +35,7 @@ def megatron_world():
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """The tiny Qwen2.5-VL and InternVL checkpoints of tools/make_tiny_model.py, built once per session."""
-    from tools.make_tiny_model import make_tiny_model
+    from calibrl_mcore.make_tiny_model import make_tiny_model
 
     root = tmp_path_factory.mktemp("tiny")
     return {arch: make_tiny_model(arch, root / arch, seed=0) for arch in ("qwen2_5_vl", "internvl")}
@@ -58,3 +58,29 @@ def restore_logging():
     for n, lvl in named.items():
         logging.getLogger(n).setLevel(lvl)
     logging.captureWarnings(False)
+
+
+@pytest.fixture(scope="session")
+def installed_wheel(tmp_path_factory):
+    """The project as a user gets it: `pip wheel` of a copy of the package sources (so the build leaves nothing
+    in the checkout), installed with `pip install --no-deps --target`. Returns (site, env): run children with
+    `env` (PYTHONPATH = site only) from a folder outside the checkout, and they import the wheel's modules;
+    the venv's other packages stay importable, the checkout's `tools/`, `configs/` and `tests/` do not."""
+    import shutil
+    import subprocess
+
+    root = tmp_path_factory.mktemp("wheel")
+    src = root / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for package in ("calibrl_mcore", "model_providers", "rollout"):
+        shutil.copytree(REPO / package, src / package, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", str(src), "--no-deps", "--no-build-isolation", "-w", str(root / "dist")],
+                   check=True, capture_output=True)
+    wheel = next((root / "dist").glob("calibrl_mcore-*.whl"))
+    site = root / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, capture_output=True)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    return site, env, wheel

@@ -57,7 +57,7 @@ def test_train_and_sft_missing_checkpoint(capsys, inputs, command):
 
 def test_train_empty_checkpoint_field_says_how_to_make_one(capsys, inputs):
     _one_line_error(capsys, ["train", "--config", CONFIG, f"data.train_path={inputs['data']}"],
-                    "model.hf_path is empty", "make_tiny_model.py")
+                    "model.hf_path is empty", "calibrl_mcore.make_tiny_model")
 
 
 def test_train_checkpoint_without_weights(capsys, inputs):
@@ -119,7 +119,7 @@ def test_convert_verify_without_processor_files(capsys, inputs):
 
 
 def test_plot_metrics_missing_run(capsys, tmp_path):
-    from tools.plot_metrics import main as plot_main
+    from calibrl_mcore.plot_metrics import main as plot_main
 
     assert plot_main([str(tmp_path / "no_run"), "--out", str(tmp_path / "plots")]) == 2
     err = capsys.readouterr().err.splitlines()

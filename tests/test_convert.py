@@ -26,8 +26,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from calibrl_mcore.convert_checkpoint import main
 from tests.torchrun_utils import run_torchrun
-from tools.convert_checkpoint import main
 
 TOL = 1e-4
 
@@ -61,7 +61,7 @@ def work(tmp_path_factory) -> Path:
 
 
 def _tiny(arch: str, path: Path, num_layers: int = 2) -> Path:
-    from tools.make_tiny_model import make_tiny_model
+    from calibrl_mcore.make_tiny_model import make_tiny_model
 
     make_tiny_model(arch, path, seed=0, num_layers=num_layers)
     _perturb_and_shard(path)
@@ -117,7 +117,7 @@ def test_round_trip_bit_identical(work: Path, hf_dir: Path, mcore_dir: Path) -> 
 
     from transformers import AutoModelForImageTextToText
 
-    from tools.make_tiny_model import load_processor
+    from calibrl_mcore.make_tiny_model import load_processor
 
     model = AutoModelForImageTextToText.from_pretrained(out)
     assert torch.equal(model.state_dict()["lm_head.weight"], source["lm_head.weight"])

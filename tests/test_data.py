@@ -390,13 +390,13 @@ def test_pil_pipeline_bounds() -> None:
 def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not (REPO / "tools" / "make_tiny_model.py").exists():
         pytest.skip("tools/make_tiny_model.py is not in this checkout")
-    from tools.make_tiny_model import make_tiny_model
+    from calibrl_mcore.make_tiny_model import make_tiny_model
 
     return make_tiny_model("qwen2_5_vl", tmp_path_factory.mktemp("tiny_qwen"))
 
 
 def test_template_renders_through_tiny_processor(tiny_qwen_dir: Path, tmp_path: Path) -> None:
-    from tools.make_tiny_model import load_processor
+    from calibrl_mcore.make_tiny_model import load_processor
 
     processor = load_processor(tiny_qwen_dir)
     generate_synthetic(tmp_path, 4, seed=0, heldout=1)

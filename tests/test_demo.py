@@ -6,22 +6,23 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 from omegaconf import OmegaConf
 
 from calibrl_mcore.demo import ARMS, QUICK, longest_expert_tokens, repeats
 from calibrl_mcore.stats import paired_difference
-from tests.torchrun_utils import REPO
 
 DEMO_LINE_BUDGET = 45
 
 
-def test_quick_demo_reports_paired_seeds_and_a_computed_verdict(tmp_path):
-    out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "calibrl_mcore.cli", "demo", "--quick", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+def test_quick_demo_reports_paired_seeds_and_a_computed_verdict(tmp_path, installed_wheel):
+    """Run as a user of the installed package would: `calibrl demo --quick` of the wheel, from an empty folder."""
+    site, env, _ = installed_wheel
+    out, cwd = tmp_path / "demo", tmp_path / "empty"
+    cwd.mkdir()
+    proc = subprocess.run([str(site / "bin" / "calibrl"), "demo", "--quick", "--out", str(out)],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     # what the terminal shows: a line per phase and per run, then the report (tables, verdicts, check)
     assert len(proc.stdout.splitlines()) <= DEMO_LINE_BUDGET, proc.stdout

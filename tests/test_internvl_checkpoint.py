@@ -1,6 +1,6 @@
 """InternVL3 distributed checkpoints (Megatron `dist_checkpointing`, the trainer's checkpoint format).
 
-Saved at TP=2 (tiny random checkpoints from tools.make_tiny_model, plus seeded noise so that default inits
+Saved at TP=2 (tiny random checkpoints from calibrl_mcore.make_tiny_model, plus seeded noise so that default inits
 cannot hide a missed tensor), reloaded at TP=1 and TP=2: every parameter, gathered over TP to HF names,
 must equal the saved weights bit for bit. At save time every TP-replicated tensor (InternViT's class and
 position embeddings, patch-embedding conv, norms, layer scales, ...) must carry a replica id that differs
@@ -21,7 +21,7 @@ EMBEDDINGS = ("class_embedding", "position_embedding", "patch_embedding.weight",
 @pytest.mark.distributed
 @pytest.mark.parametrize("variant", ["plain", "qk_norm"])
 def test_dist_checkpoint_tp2_reloads_at_tp1_and_tp2(tmp_path, variant):
-    from tools.make_tiny_model import make_tiny_model
+    from calibrl_mcore.make_tiny_model import make_tiny_model
 
     tiny = make_tiny_model("internvl", tmp_path / "tiny", seed=0, use_qk_norm=variant == "qk_norm")
     ckpt = tmp_path / "ckpt"

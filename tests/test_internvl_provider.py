@@ -1,4 +1,4 @@
-"""InternVL3 on Megatron-Core vs. transformers (CPU, fp32, tiny random checkpoints from tools.make_tiny_model).
+"""InternVL3 on Megatron-Core vs. transformers (CPU, fp32, tiny random checkpoints from calibrl_mcore.make_tiny_model).
 
   * logits (text-only, one image, two images over a batch of 2) within 1e-4 and grads within 1e-4
     relative, with and without InternViT's QK-norm, and with an earlier `vision_feature_layer`;
@@ -36,7 +36,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, object]:
-    from tools.make_tiny_model import make_tiny_model
+    from calibrl_mcore.make_tiny_model import make_tiny_model
 
     root = tmp_path_factory.mktemp("internvl")
     return {
@@ -47,7 +47,7 @@ def checkpoints(tmp_path_factory) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def processor(checkpoints):
-    from tools.make_tiny_model import load_processor
+    from calibrl_mcore.make_tiny_model import load_processor
 
     return load_processor(checkpoints["plain"])
 

@@ -7,11 +7,11 @@ import torch
 
 from calibrl_mcore.algo.aggregation import compute_loss_normalizer
 from calibrl_mcore.config import ModelConfig, OptimConfig
+from calibrl_mcore.make_tiny_model import make_tiny_model
 from calibrl_mcore.trainer.batch import Row, chunk_by_length, collate
 from calibrl_mcore.trainer.objective import sft_loss_fn
 from calibrl_mcore.trainer.policy import MegatronPolicy
 from model_providers.registry import position_ids
-from tools.make_tiny_model import make_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ PROMPTS = ["the quick brown fox", "1+2=3 and x", "what is the answer? " * 5]
 
 def tiny_model_dir(base: Path, arch: str, seed: int) -> Path:
     """Build (once per pytest session, shared by the rollout test modules) a tiny random checkpoint."""
-    from tools.make_tiny_model import make_tiny_model
+    from calibrl_mcore.make_tiny_model import make_tiny_model
 
     out = base / f"rollout-tiny-{arch}-seed{seed}"
     if not (out / "config.json").exists():

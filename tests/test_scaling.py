@@ -351,7 +351,7 @@ def tiny(tmp_path_factory):
     from types import SimpleNamespace
 
     from calibrl_mcore.data.synth import generate_synthetic
-    from tools.make_tiny_model import make_tiny_model
+    from calibrl_mcore.make_tiny_model import make_tiny_model
 
     root = tmp_path_factory.mktemp("scaling")
     make_tiny_model("qwen2_5_vl", str(root / "tiny"))

@@ -5,7 +5,7 @@
   config.softmax_scale: outputs and q/k/v grads within 1e-5;
 * dropout only in training; all-masked query rows give zeros, not NaN;
 * specs: 'sdpa' has local's parameter names, `resolve_backend` choices;
-* a tiny Qwen2.5-VL checkpoint (tools.make_tiny_model) built with spec="sdpa" gives the logits of the
+* a tiny Qwen2.5-VL checkpoint (calibrl_mcore.make_tiny_model) built with spec="sdpa" gives the logits of the
   spec="local" model within 1e-4 (text-only and with images: window + full vision attention), and in bf16
   stays within bf16 tolerance of fp32.
 """
@@ -213,13 +213,13 @@ def test_resolve_backend_and_names():
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    """(HF config, HF tensors) of a tools.make_tiny_model checkpoint. Its init (std 0.02, unit norms) gives
+    """(HF config, HF tensors) of a calibrl_mcore.make_tiny_model checkpoint. Its init (std 0.02, unit norms) gives
     near-uniform attention, under which a wrong mask hides: matrices are scaled x2.5 and norm scales
     jittered (deterministically), as in the transformers parity tests."""
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    from tools.make_tiny_model import make_tiny_model
+    from calibrl_mcore.make_tiny_model import make_tiny_model
 
     path = make_tiny_model("qwen2_5_vl", tmp_path_factory.mktemp("tiny_qwen_sdpa"))
     tensors = load_file(str(path / "model.safetensors"))

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from calibrl_mcore.data.synth import generate_synthetic
+from calibrl_mcore.make_tiny_model import make_tiny_model
 from calibrl_mcore.sweep import cell_name, main, parse_grid
-from tools.make_tiny_model import make_tiny_model
 
 
 def test_parse_grid_and_names():

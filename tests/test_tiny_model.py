@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
-from tools.make_tiny_model import (
+from calibrl_mcore.make_tiny_model import (
     INTERNVL_SPECIALS,
     QWEN_SPECIALS,
     VOCAB_SIZE,
@@ -43,7 +43,7 @@ def _messages(text: str = "What is the area of the triangle?"):
 
 def _load_processor(path):
     # AutoProcessor itself; the context only lets transformers 5 skip the video processor where
-    # torchvision is missing (see tools.make_tiny_model.video_processor_optional).
+    # torchvision is missing (see calibrl_mcore.make_tiny_model.video_processor_optional).
     with video_processor_optional():
         return AutoProcessor.from_pretrained(path)
 

@@ -181,7 +181,7 @@ def _wait_for(pred, proc: _Proc, timeout: float, what: str) -> None:
 def tiny(tmp_path_factory) -> SimpleNamespace:
     """Tiny Qwen2.5-VL + synthetic data, SFT'd for 100 steps (an HF checkpoint with non-zero rewards)."""
     from calibrl_mcore.data.synth import main as synth_main
-    from tools.make_tiny_model import make_tiny_model
+    from calibrl_mcore.make_tiny_model import make_tiny_model
 
     root = tmp_path_factory.mktemp("e2e")
     make_tiny_model("qwen2_5_vl", str(root / "tiny"), seed=0)
@@ -346,7 +346,7 @@ def tiny3(tiny) -> SimpleNamespace:
     and the losses their signal without another SFT."""
     from safetensors.torch import load_file, save_file
 
-    from tools.make_tiny_model import make_tiny_model
+    from calibrl_mcore.make_tiny_model import make_tiny_model
 
     path = tiny.root / "tiny3"
     make_tiny_model("qwen2_5_vl", str(path), seed=0, num_layers=3)

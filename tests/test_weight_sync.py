@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from calibrl_mcore.make_tiny_model import make_tiny_model
 from rollout.client import RolloutClient, RolloutRequestError
 from rollout.launcher import EmbeddedServerProcess, free_port
 from rollout.weight_group import broadcast_async, close_group, create_group, dtype_name
 from tests.torchrun_utils import run_torchrun
-from tools.make_tiny_model import make_tiny_model
 
 pytestmark = pytest.mark.distributed
 

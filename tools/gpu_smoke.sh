@@ -112,7 +112,7 @@ if [ "$PART" = rollout ] || [ "$PART" = all ]; then
   tail -2 "$OUT/gpu_rollout.log"
 
   work=/tmp/smoke_work; rm -rf "$work"; mkdir -p "$work"
-  python3 -c "from tools.make_tiny_model import make_tiny_model; make_tiny_model('qwen2_5_vl', '$work/tiny', seed=0)" \
+  python3 -c "from calibrl_mcore.make_tiny_model import make_tiny_model; make_tiny_model('qwen2_5_vl', '$work/tiny', seed=0)" \
     > "$OUT/trainer.log" 2>&1
   python3 -m calibrl_mcore.cli data synth --out "$work/data" --n 64 --heldout 8 >> "$OUT/trainer.log" 2>&1
   timeout 120 python3 -m calibrl_mcore.cli train --config configs/tiny_cpu.yaml model.hf_path="$work/tiny" \

@@ -1,5 +1,5 @@
-"""torchrun worker: run `tools.convert_checkpoint` inside a world someone else launched (the multi-node
-way: `torchrun ... -m tools.convert_checkpoint hf-to-mcore ...`), instead of letting it start torchrun.
+"""torchrun worker: run `calibrl_mcore.convert_checkpoint` inside a world someone else launched (the multi-node
+way: `torchrun ... -m calibrl_mcore.convert_checkpoint hf-to-mcore ...`), instead of letting it start torchrun.
 
 Run: torchrun ... convert_worker.py --out DIR <convert sub-command and flags>. Writes rank{RANK}.json with
 the command's exit code; exits with it.
@@ -17,7 +17,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--out", type=Path, required=True)
     args, command = parser.parse_known_args()
-    from tools.convert_checkpoint import main
+    from calibrl_mcore.convert_checkpoint import main
 
     rc = main(command)
     (args.out / f"rank{os.environ['RANK']}.json").write_text(json.dumps({"rc": rc}))

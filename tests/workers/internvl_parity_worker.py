@@ -1,6 +1,6 @@
 """torchrun worker: tiny InternVL3 on Megatron at a TP x PP layout vs. the transformers model.
 
-Given the tiny checkpoints (`--ckpt plain=DIR --ckpt qk_norm=DIR`, written by tools.make_tiny_model),
+Given the tiny checkpoints (`--ckpt plain=DIR --ckpt qk_norm=DIR`, written by calibrl_mcore.make_tiny_model),
 for each model variant every rank loads the same seeded HF model, converts it through the "internvl" map
 into its own Megatron stage/shard, then:
   1. logits: for each input case (text-only, one image, two images over a batch of 2) one forward pass
@@ -219,11 +219,11 @@ def _checkpoint_sharding_errors(model, mapping) -> tuple[int, list[str]]:
 def run(out: Path, tp: int, pp: int, checkpoints: dict[str, Path], cp: int = 1, spec: str = "local") -> None:
     from megatron.core import parallel_state
 
+    from calibrl_mcore.make_tiny_model import load_processor
     from calibrl_mcore.parallel import ParallelConfig, destroy_distributed, init_distributed
     from model_providers.context_parallel import cp_pad_multiple
     from model_providers.hf_mapping import gather_megatron_to_hf
     from tests.workers.megatron_schedule import reduce_partial_grads
-    from tools.make_tiny_model import load_processor
 
     info = init_distributed(
         ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp)

@@ -9,7 +9,7 @@ mkdir -p "$OUT"
 for p in 0 0.3 0.6; do   # same prompts and images (same seed); only the experts differ
   [ -f "$OUT/data_p$p/train.jsonl" ] || $PY -m calibrl_mcore.cli data synth --out "$OUT/data_p$p" --n 512 --heldout 64 --seed 0 --expert-noise $p
 done
-[ -f "$OUT/tiny/config.json" ] || $PY -c "from tools.make_tiny_model import make_tiny_model; make_tiny_model('qwen2_5_vl', '$OUT/tiny', seed=0)"
+[ -f "$OUT/tiny/config.json" ] || $PY -c "from calibrl_mcore.make_tiny_model import make_tiny_model; make_tiny_model('qwen2_5_vl', '$OUT/tiny', seed=0)"
 [ -f "$OUT/sft/hf/config.json" ] || $PY -m calibrl_mcore.cli sft --config configs/tiny_cpu.yaml model.hf_path="$OUT/tiny" \
   data.train_path="$OUT/data_p0/train.jsonl" train.run_dir="$OUT/sft" sft.steps=250 sft.out_dir="$OUT/sft/hf" train.progress=false
 COMMON=(model.hf_path="$OUT/sft/hf" data.eval_path="$OUT/data_p0/eval.jsonl" train.eval_prompts=64 train.steps=$STEPS

@@ -58,7 +58,7 @@ def _calibrl(args: list[str], log: Path, stdout=None) -> None:
 
 def build_start(out: Path, rounds: int = 2, steps: int = 500) -> Path:
     """Data and the SFT start (each step skipped when its output exists)."""
-    from tools.make_tiny_model import make_tiny_model
+    from calibrl_mcore.make_tiny_model import make_tiny_model
 
     out.mkdir(parents=True, exist_ok=True)
     log, data = out / "start.log", out / "data"
@@ -109,7 +109,7 @@ def run_part(name: str, out: Path, start: Path, seeds: list[int], steps: int, jo
         out=out / name / "runs", jobs=jobs, threads=1)
     runs = run_study(spec)
     report = summarize(runs, reference="grpo", compared=("eval/accuracy", "eval/pass@8", "entropy_end"), familywise=True)
-    from tools.plot_metrics import plot_arms
+    from calibrl_mcore.plot_metrics import plot_arms
 
     plot_arms({arm: [Path(r.run_dir) for r in runs if r.arm == arm and r.returncode == 0] for arm in arms},
               out / name, smooth=10)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tools.tiny_model.sizes import (
+from calibrl_mcore.tiny_model.sizes import (
     ARCHS,
     INTERNVL_DOWNSAMPLE,
     INTERNVL_IMAGE_SIZE,

@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from tools.convert.commands import _hf_files_source
-from tools.convert.stage import DTYPES, ConvertError, build_stage, pipeline_split, read_hf_config
+from calibrl_mcore.convert.commands import _hf_files_source
+from calibrl_mcore.convert.stage import DTYPES, ConvertError, build_stage, pipeline_split, read_hf_config
 
 # verify builds its prompts with the checkpoint's own processor: what that needs (any one file of a tuple).
 PROCESSOR_FILES: dict[str, tuple[str, ...]] = {
@@ -35,7 +35,7 @@ def verify_inputs(hf_dir: Path) -> dict[str, dict]:
     import numpy as np
     from PIL import Image
 
-    from tools.make_tiny_model import load_processor
+    from calibrl_mcore.make_tiny_model import load_processor
 
     processor = load_processor(hf_dir)
     rng = np.random.RandomState(0)

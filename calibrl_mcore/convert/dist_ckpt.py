@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tools.convert.stage import ConvertError, _is_tensor, _sharded_tensors
+from calibrl_mcore.convert.stage import ConvertError, _is_tensor, _sharded_tensors
 
 STACK_SEP = "@@stacked:"
 OBJECT_TAG = "@@object/shard_0_1"  # fqn suffix of a ShardedObject saved alone (key '<unique key>@@object')

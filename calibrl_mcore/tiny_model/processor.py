@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tools.tiny_model.sizes import (
+from calibrl_mcore.tiny_model.sizes import (
     INTERNVL_CHAT_TEMPLATE,
     INTERNVL_IMAGE_SIZE,
     INTERNVL_MAX_TILES,

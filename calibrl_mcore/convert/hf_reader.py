@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tools.convert.stage import ConvertError, Stage
+from calibrl_mcore.convert.stage import ConvertError, Stage
 
 
 class HFCheckpoint:

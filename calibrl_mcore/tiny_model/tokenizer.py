@@ -7,7 +7,7 @@ import json
 import random
 from typing import Any
 
-from tools.tiny_model.sizes import (
+from calibrl_mcore.tiny_model.sizes import (
     BPE_VOCAB_SIZE,
     INTERNVL_CHAT_TEMPLATE,
     INTERNVL_SPECIALS,

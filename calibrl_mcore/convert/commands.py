@@ -9,9 +9,9 @@ import os
 import shutil
 from pathlib import Path
 
-from tools.convert.dist_ckpt import CheckpointReader, merge_parts, save_part
-from tools.convert.hf_reader import HFCheckpoint, check_hf_tensors, convert_param
-from tools.convert.stage import (
+from calibrl_mcore.convert.dist_ckpt import CheckpointReader, merge_parts, save_part
+from calibrl_mcore.convert.hf_reader import HFCheckpoint, check_hf_tensors, convert_param
+from calibrl_mcore.convert.stage import (
     DTYPES,
     ConvertError,
     _is_tensor,
