@@ -16,6 +16,10 @@ Every request is shaped as SGLang (the pinned version, see tests/contract/) acce
   (SGLang applies one `sampling_seed` to all n samples of an entry, and only with
   `--enable-deterministic-inference`; the embedded engine always honours it);
 - `weight_version` is a string on the wire and comes back as one.
+
+With a `ServerPool` (rollout/pool.py) generation goes to live servers only: a server whose request fails
+(after its connection or 5xx) or whose answer carries another `weight_version` than the pool's current
+one is marked out and the chunk goes to the next live server; the stale answer is dropped, never returned.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+
+from rollout.pool import ServerPool
 
 _RETRYABLE = (httpx.TransportError,)  # connect/read/write errors and timeouts
 
@@ -110,10 +116,12 @@ class RolloutClient:
         backoff: float = 0.5,
         batch_size: int = 8,
         max_concurrency: int = 16,
+        pool: ServerPool | None = None,
     ) -> None:
         if not urls:
             raise ValueError("urls: need at least one server")
         self.urls = [u.rstrip("/") for u in urls]
+        self.pool = pool
         self.max_retries, self.backoff, self.batch_size = max_retries, backoff, batch_size
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         limits = httpx.Limits(max_connections=max_concurrency * 2, max_keepalive_connections=max_concurrency)
@@ -157,7 +165,7 @@ class RolloutClient:
         seed: int | None,
     ) -> list[Sample]:
         payload = generate_payload(start, prompts, sampling_params, return_logprob, seed)
-        items = self._post("/generate", payload)
+        items = self._post("/generate", payload, accept=self._stale)
         n = int(sampling_params.get("n", 1))
         if not isinstance(items, list) or len(items) != len(prompts) * n:
             raise RolloutRequestError(f"/generate: expected a list of {len(prompts) * n} samples, got "
@@ -167,9 +175,7 @@ class RolloutClient:
     # ----------------------------------------------------------------------------------------------
     def update_weights_from_disk(self, model_path: str, weight_version: int | None = None) -> list[dict[str, Any]]:
         """Tell every server to load weights from `model_path` (a path on the servers' machines)."""
-        body: dict[str, Any] = {"model_path": model_path}
-        if weight_version is not None:
-            body["weight_version"] = str(weight_version)  # SGLang: Optional[str]; an int is a 400
+        body = disk_update_body(model_path, weight_version)
         return [self._post("/update_weights_from_disk", body, url=url) for url in self.urls]
 
     def update_weights_from_tensors(
@@ -177,20 +183,20 @@ class RolloutClient:
     ) -> list[dict[str, Any]]:
         """Push (HF name, tensor) pairs to every embedded server as one safetensors payload (base64 in
         SGLang's UpdateWeightsFromTensorReqInput fields, load_format "safetensors": embedded servers only)."""
-        from safetensors.torch import save
-
-        tensors, seen = {}, set()
-        for name, tensor in named_tensors:
-            tensor = tensor.detach().cpu().contiguous()
-            if tensor.untyped_storage().data_ptr() in seen:  # tied weights: safetensors refuses shared storage
-                tensor = tensor.clone()
-            seen.add(tensor.untyped_storage().data_ptr())
-            tensors[name] = tensor
-        body: dict[str, Any] = {"serialized_named_tensors": [base64.b64encode(save(tensors)).decode()],
-                                "load_format": "safetensors", "flush_cache": True}
-        if weight_version is not None:
-            body["weight_version"] = str(weight_version)
+        body = tensor_update_body(named_tensors, weight_version)
         return [self._post("/update_weights_from_tensor", body, url=url) for url in self.urls]
+
+    def post_each(self, route: str, body: dict[str, Any], urls: list[str]) -> dict[str, Any]:
+        """POST one body to each of `urls` at once (each retried on itself): url -> its reply, or the
+        exception that ended its retries (a fleet's push goes on past a dead server)."""
+        futures = {url: self._pool.submit(self._post, route, body, url) for url in urls}
+        results: dict[str, Any] = {}
+        for url, future in futures.items():
+            try:
+                results[url] = future.result()
+            except (RolloutRequestError, httpx.HTTPError) as exc:
+                results[url] = exc
+        return results
 
     # Weight sync over a collective (SGLang's routes; rollout/weight_group.py). The caller is rank 0
     # of the group and must join it while these requests are in flight: call them from a thread.
@@ -286,11 +292,26 @@ class RolloutClient:
 
     # ----------------------------------------------------------------------------------------------
     def _next_url(self) -> str:
+        if self.pool is not None:
+            url = self.pool.pick()
+            if url is None:
+                raise RolloutRequestError(f"no live rollout server: {self.pool.describe()}")
+            return url
         with self._cycle_lock:
             return self.urls[next(self._cycle)]
 
-    def _post(self, route: str, body: Any, url: str | None = None, max_retries: int | None = None) -> Any:
-        """POST with retries; a pinned `url` is retried on itself, otherwise on the next server."""
+    def _stale(self, items: Any) -> str | None:
+        """Why a /generate answer must be dropped: a sample made with other weights than the current ones."""
+        if self.pool is None or not isinstance(items, list):
+            return None
+        versions = {(item.get("meta_info") or {}).get("weight_version") for item in items if isinstance(item, dict)}
+        stale = sorted(str(v) for v in versions if not self.pool.is_current(v))
+        return f"stale weight_version {', '.join(stale)} (current {self.pool.version or 'default'!r})" if stale else None
+
+    def _post(self, route: str, body: Any, url: str | None = None, max_retries: int | None = None,
+              accept: Any = None) -> Any:
+        """POST with retries; a pinned `url` is retried on itself, otherwise on the next server (with a pool:
+        the next live one, and the failed one is marked out). `accept(reply)` -> a reason to refuse it."""
         last_error: Exception | None = None
         max_retries = self.max_retries if max_retries is None else max_retries
         for attempt in range(max_retries + 1):
@@ -303,14 +324,44 @@ class RolloutClient:
                 reply = _json_or_text(response) if response.status_code < 400 else None
                 if isinstance(reply, dict) and reply.get("success") is False:  # SGLang's refusal shape
                     raise RolloutRequestError(f"{target}{route}: {reply.get('message')}", response.status_code, reply)
-                if response.status_code < 400:
+                refused = accept(reply) if accept is not None and response.status_code < 400 else None
+                if response.status_code < 400 and refused is None:
                     return reply
-                if response.status_code < 500:
+                if response.status_code < 500 and refused is None:
                     raise server_error(target, route, response)
-                last_error = server_error(target, route, response)
+                last_error = RolloutRequestError(f"{target}{route}: {refused}") if refused else \
+                    server_error(target, route, response)
+            if url is None and self.pool is not None:
+                self.pool.mark_out(target, f"{route}: {last_error!r}")
+                continue  # the next live server right away: this one is out until it is re-synced
             if attempt < max_retries:
                 time.sleep(self.backoff * (2**attempt))
         raise RolloutRequestError(f"{route}: gave up after {max_retries + 1} attempts: {last_error!r}")
+
+
+def disk_update_body(model_path: str, weight_version: int | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"model_path": model_path}
+    if weight_version is not None:
+        body["weight_version"] = str(weight_version)  # SGLang: Optional[str]; an int is a 400
+    return body
+
+
+def tensor_update_body(named_tensors: Iterable[tuple[str, Any]], weight_version: int | None) -> dict[str, Any]:
+    """One `/update_weights_from_tensor` body: the tensors as one base64 safetensors payload."""
+    from safetensors.torch import save
+
+    tensors, seen = {}, set()
+    for name, tensor in named_tensors:
+        tensor = tensor.detach().cpu().contiguous()
+        if tensor.untyped_storage().data_ptr() in seen:  # tied weights: safetensors refuses shared storage
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        tensors[name] = tensor
+    body: dict[str, Any] = {"serialized_named_tensors": [base64.b64encode(save(tensors)).decode()],
+                            "load_format": "safetensors", "flush_cache": True}
+    if weight_version is not None:
+        body["weight_version"] = str(weight_version)
+    return body
 
 
 def _json_or_text(response: httpx.Response) -> Any:
