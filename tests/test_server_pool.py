@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -31,8 +32,8 @@ def fleet(tmp_path_factory):
     servers = [EmbeddedServerProcess(model, health_timeout=120, log_path=tmp_path_factory.mktemp("pool") / f"{i}.log")
                for i in range(2)]
     try:
-        for s in servers:
-            s.start()
+        with ThreadPoolExecutor(2) as starting:  # both load the model at once
+            list(starting.map(EmbeddedServerProcess.start, servers))
         pool = ServerPool([s.url for s in servers], probe_interval_s=0.2)
         client = RolloutClient(pool.urls, pool=pool, batch_size=1, max_retries=2, backoff=0.05)
         yield servers, pool, client
@@ -96,7 +97,7 @@ def test_below_min_live_stops_naming_servers(fleet):
     os.killpg(b.process.pid, signal.SIGKILL)
     b.process.wait()
     pool.mark_out(b.url, "ConnectError('refused')")
-    with pytest.raises(PoolExhausted, match=r"0 of 2 .* min_live_servers=1, .*recovery_timeout_s=0.5") as info:
+    with pytest.raises(PoolExhausted, match=r"0 of 2 .*min_live_servers=1, .*recovery_timeout_s=0.5") as info:
         pool.wait_for(1, 0.5, until_suspect=False)
     assert a.url in str(info.value) and "ConnectError('refused')" in str(info.value)
     assert pool.metrics()["rollout/live_servers"] == 0.0
