@@ -200,12 +200,13 @@ class RolloutClient:
 
     # Weight sync over a collective (SGLang's routes; rollout/weight_group.py). The caller is rank 0
     # of the group and must join it while these requests are in flight: call them from a thread.
-    def server_ranks(self) -> list[int]:
+    # `urls`: the servers of the group (default: all), e.g. a fleet's live ones.
+    def server_ranks(self, urls: list[str] | None = None) -> list[int]:
         """Ranks each server contributes to a weight-update group: SGLang's `tp_size` from
         `/get_server_info` (its workers join as rank_offset + tp_rank); 1 where the route is missing
         (the embedded server)."""
         ranks = []
-        for url in self.urls:
+        for url in urls or self.urls:
             try:
                 response = self._http.get(url + "/get_server_info", timeout=30.0)
                 info = response.json() if response.status_code == 200 else {}
@@ -216,33 +217,38 @@ class RolloutClient:
 
     def init_weights_update_group(
         self, master_address: str, master_port: int, rank_offsets: list[int], world_size: int,
-        group_name: str = "weight_update_group", backend: str = "nccl",
+        group_name: str = "weight_update_group", backend: str = "nccl", urls: list[str] | None = None,
     ) -> list[dict[str, Any]]:
         """Every server joins the group as ranks rank_offsets[i]...; all requests go out at once
         (the rendezvous needs every rank), and this returns when all servers answered."""
-        if len(rank_offsets) != len(self.urls):
-            raise ValueError(f"rank_offsets: {len(rank_offsets)} entries for {len(self.urls)} servers")
+        urls = urls or self.urls
+        if len(rank_offsets) != len(urls):
+            raise ValueError(f"rank_offsets: {len(rank_offsets)} entries for {len(urls)} servers")
         return self._post_all("/init_weights_update_group", [
             {"master_address": master_address, "master_port": master_port, "rank_offset": offset,
-             "world_size": world_size, "group_name": group_name, "backend": backend} for offset in rank_offsets])
+             "world_size": world_size, "group_name": group_name, "backend": backend} for offset in rank_offsets],
+            urls)
 
     def update_weights_from_distributed(
         self, names: list[str], dtypes: list[str], shapes: list[list[int]], group_name: str = "weight_update_group",
-        flush_cache: bool = True, weight_version: int | None = None,
+        flush_cache: bool = True, weight_version: int | None = None, urls: list[str] | None = None,
     ) -> list[dict[str, Any]]:
         """Announce a bucket to every server; rank 0 then broadcasts one tensor per name, in order."""
         body: dict[str, Any] = {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
                                 "flush_cache": flush_cache}
         if weight_version is not None:
             body["weight_version"] = str(weight_version)  # SGLang keeps versions as strings
-        return self._post_all("/update_weights_from_distributed", [body] * len(self.urls))
+        urls = urls or self.urls
+        return self._post_all("/update_weights_from_distributed", [body] * len(urls), urls)
 
-    def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> list[dict[str, Any]]:
-        return self._post_all("/destroy_weights_update_group", [{"group_name": group_name}] * len(self.urls))
+    def destroy_weights_update_group(self, group_name: str = "weight_update_group",
+                                     urls: list[str] | None = None) -> list[dict[str, Any]]:
+        urls = urls or self.urls
+        return self._post_all("/destroy_weights_update_group", [{"group_name": group_name}] * len(urls), urls)
 
-    def _post_all(self, route: str, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """POST bodies[i] to server i, all at once (no retries: a half-joined collective cannot be redone)."""
-        futures = [self._pool.submit(self._post, route, body, url, 0) for url, body in zip(self.urls, bodies)]
+    def _post_all(self, route: str, bodies: list[dict[str, Any]], urls: list[str]) -> list[dict[str, Any]]:
+        """POST bodies[i] to urls[i], all at once (no retries: a half-joined collective cannot be redone)."""
+        futures = [self._pool.submit(self._post, route, body, url, 0) for url, body in zip(urls, bodies)]
         return [f.result() for f in futures]
 
     def get_model_info(self) -> list[dict[str, Any]]:
@@ -271,14 +277,22 @@ class RolloutClient:
                 check_vllm(f"rollout.urls: {url}")
             raise RolloutRequestError(f"{url}: no /get_model_info: not an SGLang-API rollout server")
 
-    def health(self) -> dict[str, bool]:
+    def health(self, urls: list[str] | None = None) -> dict[str, bool]:
         result = {}
-        for url in self.urls:
+        for url in urls or self.urls:
             try:
                 result[url] = self._http.get(url + "/health", timeout=5.0).status_code == 200
             except httpx.HTTPError:
                 result[url] = False
         return result
+
+    def reported_weight_version(self, url: str) -> str | None:
+        """The `weight_version` the server at `url` reports now (None: unreachable or not reported)."""
+        try:
+            response = self._http.get(url + "/get_model_info", timeout=30.0)
+            return response.json().get("weight_version") if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
