@@ -139,10 +139,11 @@ class ServerPool:
             self._changed.notify_all()
         return True
 
-    def wait_for(self, min_live: int, timeout_s: float, *, until_suspect: bool = True) -> str:
+    def wait_for(self, min_live: int, timeout_s: float, *, until_suspect: bool = True,
+                 configured_timeout_s: float | None = None) -> str:
         """Block until at least `min_live` servers are live ("live"), or (with `until_suspect`) some server
         is suspect, i.e. needs the trainer's push ("suspect"). After `timeout_s`: PoolExhausted naming every
-        server and its last error."""
+        server and its last error (the message names `configured_timeout_s`, the setting, if given)."""
         deadline = time.monotonic() + timeout_s
         with self._changed:
             while True:
@@ -155,7 +156,7 @@ class ServerPool:
                 if left <= 0:
                     raise PoolExhausted(
                         f"{states.count(LIVE)} of {len(self.urls)} rollout servers live, rollout.min_live_servers="
-                        f"{min_live}, none recovered within rollout.recovery_timeout_s={timeout_s:g}: "
+                        f"{min_live}, none recovered within rollout.recovery_timeout_s={configured_timeout_s or timeout_s:g}: "
                         f"{self._describe_locked()}")
                 self._changed.wait(min(left, 1.0))
 

@@ -156,7 +156,8 @@ class WeightSync:
                 until_suspect = not resynced_once or len(self.pool.live()) < self.min_live_servers
                 try:
                     left = max(0.0, deadline - time.monotonic())
-                    decision = [self.pool.wait_for(self.min_live_servers, left, until_suspect=until_suspect)]
+                    decision = [self.pool.wait_for(self.min_live_servers, left, until_suspect=until_suspect,
+                                                    configured_timeout_s=self.recovery_timeout_s)]
                 except PoolExhausted as exc:
                     decision = [str(exc)]
             dist.broadcast_object_list(decision, src=0)
