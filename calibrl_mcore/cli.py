@@ -112,21 +112,23 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit code 0 done, 2 bad input (one line on stderr, from rank 0 only), else the failure's traceback."""
+    """Exit code 0 done, 2 bad input (one line on stderr, from rank 0 only), 3 no rollout server left after
+    rollout.recovery_timeout_s (one line naming every server and its last error), else the failure's traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = any(a in ("-v", "--verbose") for a in argv)
     argv = [a for a in argv if a not in ("-v", "--verbose")]
     configure_logging("verbose" if verbose else "info")  # again once a config names train.log_level
     from calibrl_mcore.config import ConfigError
     from calibrl_mcore.inputs import InputError
+    from rollout.pool import PoolExhausted
 
     try:
         return _dispatch(argv, verbose)
-    except (ConfigError, InputError) as exc:
+    except (ConfigError, InputError, PoolExhausted) as exc:
         if process_rank() == 0:
             command = " ".join(a for a in argv[:2] if not a.startswith("-") and "=" not in a)
             print(f"calibrl {command}: error: {exc}", file=sys.stderr)
-        return 2
+        return 3 if isinstance(exc, PoolExhausted) else 2
 
 
 def _dispatch(argv: list[str], verbose: bool) -> int:

@@ -95,6 +95,14 @@ class RolloutConfig:
     """per-request timeout of the rollout client."""
     max_retries: int = 3
     """client retries (with backoff) before a rollout step fails."""
+    min_live_servers: int = 1
+    """below this many live servers (rollout.urls) a step waits for recovery, up to recovery_timeout_s, then the
+    run stops naming every server and its last error. A server is out after a failed request or push, back
+    (suspect) when it answers /health, and live again only after it took the current weights."""
+    recovery_timeout_s: float = 300.0
+    """how long a step waits for min_live_servers live servers before the run stops."""
+    health_probe_interval_s: float = 2.0
+    """how often the servers that are out are probed on /health."""
     api_key: str = ""
     """API key for weight-update routes ('' = none)."""
     weight_sync_bucket_mb: int = 64
@@ -345,11 +353,15 @@ def _validate(cfg: Config) -> None:
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
     positive = ["algo.num_experts", "rollout.n_samples", "rollout.max_new_tokens", "train.prompts_per_step",
-                "train.mini_batches_per_step", "train.micro_batch_size", "sft.batch_size"]
+                "train.mini_batches_per_step", "train.micro_batch_size", "sft.batch_size",
+                "rollout.min_live_servers", "rollout.recovery_timeout_s", "rollout.health_probe_interval_s"]
     for key in positive:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) <= 0:
             raise ConfigError(f"{key} must be > 0, got {getattr(getattr(cfg, section), name)}")
+    if cfg.rollout.urls and cfg.rollout.min_live_servers > len(cfg.rollout.urls):
+        raise ConfigError(f"rollout.min_live_servers={cfg.rollout.min_live_servers} is more than the "
+                          f"{len(cfg.rollout.urls)} servers of rollout.urls")
     if cfg.algo.dynamic_sampling_max_rounds < 0:
         raise ConfigError(f"algo.dynamic_sampling_max_rounds must be >= 0, got {cfg.algo.dynamic_sampling_max_rounds}")
     if cfg.train.eval_samples < 0:

@@ -16,6 +16,10 @@ Every request is shaped as SGLang (the pinned version, see tests/contract/) acce
   (SGLang applies one `sampling_seed` to all n samples of an entry, and only with
   `--enable-deterministic-inference`; the embedded engine always honours it);
 - `weight_version` is a string on the wire and comes back as one.
+
+With a `ServerPool` (rollout/pool.py) generation goes to live servers only: a server whose request fails
+(after its connection or 5xx) or whose answer carries another `weight_version` than the pool's current
+one is marked out and the chunk goes to the next live server; the stale answer is dropped, never returned.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+
+from rollout.pool import ServerPool
 
 _RETRYABLE = (httpx.TransportError,)  # connect/read/write errors and timeouts
 
@@ -110,10 +116,12 @@ class RolloutClient:
         backoff: float = 0.5,
         batch_size: int = 8,
         max_concurrency: int = 16,
+        pool: ServerPool | None = None,
     ) -> None:
         if not urls:
             raise ValueError("urls: need at least one server")
         self.urls = [u.rstrip("/") for u in urls]
+        self.pool = pool
         self.max_retries, self.backoff, self.batch_size = max_retries, backoff, batch_size
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         limits = httpx.Limits(max_connections=max_concurrency * 2, max_keepalive_connections=max_concurrency)
@@ -157,7 +165,7 @@ class RolloutClient:
         seed: int | None,
     ) -> list[Sample]:
         payload = generate_payload(start, prompts, sampling_params, return_logprob, seed)
-        items = self._post("/generate", payload)
+        items = self._post("/generate", payload, accept=self._stale)
         n = int(sampling_params.get("n", 1))
         if not isinstance(items, list) or len(items) != len(prompts) * n:
             raise RolloutRequestError(f"/generate: expected a list of {len(prompts) * n} samples, got "
@@ -167,9 +175,7 @@ class RolloutClient:
     # ----------------------------------------------------------------------------------------------
     def update_weights_from_disk(self, model_path: str, weight_version: int | None = None) -> list[dict[str, Any]]:
         """Tell every server to load weights from `model_path` (a path on the servers' machines)."""
-        body: dict[str, Any] = {"model_path": model_path}
-        if weight_version is not None:
-            body["weight_version"] = str(weight_version)  # SGLang: Optional[str]; an int is a 400
+        body = disk_update_body(model_path, weight_version)
         return [self._post("/update_weights_from_disk", body, url=url) for url in self.urls]
 
     def update_weights_from_tensors(
@@ -177,29 +183,30 @@ class RolloutClient:
     ) -> list[dict[str, Any]]:
         """Push (HF name, tensor) pairs to every embedded server as one safetensors payload (base64 in
         SGLang's UpdateWeightsFromTensorReqInput fields, load_format "safetensors": embedded servers only)."""
-        from safetensors.torch import save
-
-        tensors, seen = {}, set()
-        for name, tensor in named_tensors:
-            tensor = tensor.detach().cpu().contiguous()
-            if tensor.untyped_storage().data_ptr() in seen:  # tied weights: safetensors refuses shared storage
-                tensor = tensor.clone()
-            seen.add(tensor.untyped_storage().data_ptr())
-            tensors[name] = tensor
-        body: dict[str, Any] = {"serialized_named_tensors": [base64.b64encode(save(tensors)).decode()],
-                                "load_format": "safetensors", "flush_cache": True}
-        if weight_version is not None:
-            body["weight_version"] = str(weight_version)
+        body = tensor_update_body(named_tensors, weight_version)
         return [self._post("/update_weights_from_tensor", body, url=url) for url in self.urls]
+
+    def post_each(self, route: str, body: dict[str, Any], urls: list[str]) -> dict[str, Any]:
+        """POST one body to each of `urls` at once (each retried on itself): url -> its reply, or the
+        exception that ended its retries (a fleet's push goes on past a dead server)."""
+        futures = {url: self._pool.submit(self._post, route, body, url) for url in urls}
+        results: dict[str, Any] = {}
+        for url, future in futures.items():
+            try:
+                results[url] = future.result()
+            except (RolloutRequestError, httpx.HTTPError) as exc:
+                results[url] = exc
+        return results
 
     # Weight sync over a collective (SGLang's routes; rollout/weight_group.py). The caller is rank 0
     # of the group and must join it while these requests are in flight: call them from a thread.
-    def server_ranks(self) -> list[int]:
+    # `urls`: the servers of the group (default: all), e.g. a fleet's live ones.
+    def server_ranks(self, urls: list[str] | None = None) -> list[int]:
         """Ranks each server contributes to a weight-update group: SGLang's `tp_size` from
         `/get_server_info` (its workers join as rank_offset + tp_rank); 1 where the route is missing
         (the embedded server)."""
         ranks = []
-        for url in self.urls:
+        for url in urls or self.urls:
             try:
                 response = self._http.get(url + "/get_server_info", timeout=30.0)
                 info = response.json() if response.status_code == 200 else {}
@@ -210,33 +217,38 @@ class RolloutClient:
 
     def init_weights_update_group(
         self, master_address: str, master_port: int, rank_offsets: list[int], world_size: int,
-        group_name: str = "weight_update_group", backend: str = "nccl",
+        group_name: str = "weight_update_group", backend: str = "nccl", urls: list[str] | None = None,
     ) -> list[dict[str, Any]]:
         """Every server joins the group as ranks rank_offsets[i]...; all requests go out at once
         (the rendezvous needs every rank), and this returns when all servers answered."""
-        if len(rank_offsets) != len(self.urls):
-            raise ValueError(f"rank_offsets: {len(rank_offsets)} entries for {len(self.urls)} servers")
+        urls = urls or self.urls
+        if len(rank_offsets) != len(urls):
+            raise ValueError(f"rank_offsets: {len(rank_offsets)} entries for {len(urls)} servers")
         return self._post_all("/init_weights_update_group", [
             {"master_address": master_address, "master_port": master_port, "rank_offset": offset,
-             "world_size": world_size, "group_name": group_name, "backend": backend} for offset in rank_offsets])
+             "world_size": world_size, "group_name": group_name, "backend": backend} for offset in rank_offsets],
+            urls)
 
     def update_weights_from_distributed(
         self, names: list[str], dtypes: list[str], shapes: list[list[int]], group_name: str = "weight_update_group",
-        flush_cache: bool = True, weight_version: int | None = None,
+        flush_cache: bool = True, weight_version: int | None = None, urls: list[str] | None = None,
     ) -> list[dict[str, Any]]:
         """Announce a bucket to every server; rank 0 then broadcasts one tensor per name, in order."""
         body: dict[str, Any] = {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
                                 "flush_cache": flush_cache}
         if weight_version is not None:
             body["weight_version"] = str(weight_version)  # SGLang keeps versions as strings
-        return self._post_all("/update_weights_from_distributed", [body] * len(self.urls))
+        urls = urls or self.urls
+        return self._post_all("/update_weights_from_distributed", [body] * len(urls), urls)
 
-    def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> list[dict[str, Any]]:
-        return self._post_all("/destroy_weights_update_group", [{"group_name": group_name}] * len(self.urls))
+    def destroy_weights_update_group(self, group_name: str = "weight_update_group",
+                                     urls: list[str] | None = None) -> list[dict[str, Any]]:
+        urls = urls or self.urls
+        return self._post_all("/destroy_weights_update_group", [{"group_name": group_name}] * len(urls), urls)
 
-    def _post_all(self, route: str, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """POST bodies[i] to server i, all at once (no retries: a half-joined collective cannot be redone)."""
-        futures = [self._pool.submit(self._post, route, body, url, 0) for url, body in zip(self.urls, bodies)]
+    def _post_all(self, route: str, bodies: list[dict[str, Any]], urls: list[str]) -> list[dict[str, Any]]:
+        """POST bodies[i] to urls[i], all at once (no retries: a half-joined collective cannot be redone)."""
+        futures = [self._pool.submit(self._post, route, body, url, 0) for url, body in zip(urls, bodies)]
         return [f.result() for f in futures]
 
     def get_model_info(self) -> list[dict[str, Any]]:
@@ -265,14 +277,22 @@ class RolloutClient:
                 check_vllm(f"rollout.urls: {url}")
             raise RolloutRequestError(f"{url}: no /get_model_info: not an SGLang-API rollout server")
 
-    def health(self) -> dict[str, bool]:
+    def health(self, urls: list[str] | None = None) -> dict[str, bool]:
         result = {}
-        for url in self.urls:
+        for url in urls or self.urls:
             try:
                 result[url] = self._http.get(url + "/health", timeout=5.0).status_code == 200
             except httpx.HTTPError:
                 result[url] = False
         return result
+
+    def reported_weight_version(self, url: str) -> str | None:
+        """The `weight_version` the server at `url` reports now (None: unreachable or not reported)."""
+        try:
+            response = self._http.get(url + "/get_model_info", timeout=30.0)
+            return response.json().get("weight_version") if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -286,11 +306,26 @@ class RolloutClient:
 
     # ----------------------------------------------------------------------------------------------
     def _next_url(self) -> str:
+        if self.pool is not None:
+            url = self.pool.pick()
+            if url is None:
+                raise RolloutRequestError(f"no live rollout server: {self.pool.describe()}")
+            return url
         with self._cycle_lock:
             return self.urls[next(self._cycle)]
 
-    def _post(self, route: str, body: Any, url: str | None = None, max_retries: int | None = None) -> Any:
-        """POST with retries; a pinned `url` is retried on itself, otherwise on the next server."""
+    def _stale(self, items: Any) -> str | None:
+        """Why a /generate answer must be dropped: a sample made with other weights than the current ones."""
+        if self.pool is None or not isinstance(items, list):
+            return None
+        versions = {(item.get("meta_info") or {}).get("weight_version") for item in items if isinstance(item, dict)}
+        stale = sorted(str(v) for v in versions if not self.pool.is_current(v))
+        return f"stale weight_version {', '.join(stale)} (current {self.pool.version or 'default'!r})" if stale else None
+
+    def _post(self, route: str, body: Any, url: str | None = None, max_retries: int | None = None,
+              accept: Any = None) -> Any:
+        """POST with retries; a pinned `url` is retried on itself, otherwise on the next server (with a pool:
+        the next live one, and the failed one is marked out). `accept(reply)` -> a reason to refuse it."""
         last_error: Exception | None = None
         max_retries = self.max_retries if max_retries is None else max_retries
         for attempt in range(max_retries + 1):
@@ -303,14 +338,44 @@ class RolloutClient:
                 reply = _json_or_text(response) if response.status_code < 400 else None
                 if isinstance(reply, dict) and reply.get("success") is False:  # SGLang's refusal shape
                     raise RolloutRequestError(f"{target}{route}: {reply.get('message')}", response.status_code, reply)
-                if response.status_code < 400:
+                refused = accept(reply) if accept is not None and response.status_code < 400 else None
+                if response.status_code < 400 and refused is None:
                     return reply
-                if response.status_code < 500:
+                if response.status_code < 500 and refused is None:
                     raise server_error(target, route, response)
-                last_error = server_error(target, route, response)
+                last_error = RolloutRequestError(f"{target}{route}: {refused}") if refused else \
+                    server_error(target, route, response)
+            if url is None and self.pool is not None:
+                self.pool.mark_out(target, f"{route}: {last_error!r}")
+                continue  # the next live server right away: this one is out until it is re-synced
             if attempt < max_retries:
                 time.sleep(self.backoff * (2**attempt))
         raise RolloutRequestError(f"{route}: gave up after {max_retries + 1} attempts: {last_error!r}")
+
+
+def disk_update_body(model_path: str, weight_version: int | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"model_path": model_path}
+    if weight_version is not None:
+        body["weight_version"] = str(weight_version)  # SGLang: Optional[str]; an int is a 400
+    return body
+
+
+def tensor_update_body(named_tensors: Iterable[tuple[str, Any]], weight_version: int | None) -> dict[str, Any]:
+    """One `/update_weights_from_tensor` body: the tensors as one base64 safetensors payload."""
+    from safetensors.torch import save
+
+    tensors, seen = {}, set()
+    for name, tensor in named_tensors:
+        tensor = tensor.detach().cpu().contiguous()
+        if tensor.untyped_storage().data_ptr() in seen:  # tied weights: safetensors refuses shared storage
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        tensors[name] = tensor
+    body: dict[str, Any] = {"serialized_named_tensors": [base64.b64encode(save(tensors)).decode()],
+                            "load_format": "safetensors", "flush_cache": True}
+    if weight_version is not None:
+        body["weight_version"] = str(weight_version)
+    return body
 
 
 def _json_or_text(response: httpx.Response) -> Any:

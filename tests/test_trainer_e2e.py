@@ -635,3 +635,61 @@ def test_dapo_dynamic_sampling_refills_the_step(tiny):
     print(f"\n[dapo] refill rounds {rounds}, informative groups {groups}, reward/mean {got['reward/mean']}")
     assert groups == 8 or rounds == 3  # train.prompts_per_step = 8 (configs/tiny_cpu.yaml)
     assert 0 < groups <= 8 and math.isfinite(got["train/loss"])
+
+
+# ------------------------------------------------------------------------------------------ 6. a fleet of servers
+
+
+@pytest.mark.distributed
+def test_fleet_survives_a_killed_server_and_stops_when_all_are_down(tiny, dp1_run):
+    """rollout.urls = [A, B, C]: C is down from the start, B is SIGKILLed after step 1 and restarted after
+    step 2 (min_live_servers=2 makes step 3 wait for it). Every step completes, B generates again only
+    after its re-sync, and steps 1-2 equal the one-server run's. Then a fleet with no server: the clear stop."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rollout.launcher import EmbeddedServerProcess
+
+    servers = [EmbeddedServerProcess(tiny.model, health_timeout=300, log_path=tiny.root / f"fleet-{n}.log",
+                                     extra_args=["--log-level", "info"]) for n in "ab"]  # info: B's access log
+    down = f"http://127.0.0.1:{free_port()}"
+    run_dir = tiny.root / "fleet"
+    try:
+        with ThreadPoolExecutor(2) as starting:
+            list(starting.map(EmbeddedServerProcess.start, servers))
+        a, b = servers
+        fleet = (f"rollout.urls=[{a.url},{b.url},{down}]", "rollout.min_live_servers=2",
+                 "rollout.recovery_timeout_s=120", "rollout.health_probe_interval_s=0.2")
+        with _Proc(_train_cmd(1, _args(tiny, run_dir, "train.steps=3", *fleet)), tiny.root / "fleet.log") as proc:
+            _wait_for(lambda: len(_metrics(run_dir)) >= 1, proc, 480, "step 1")
+            os.killpg(b.process.pid, signal.SIGKILL)  # step 2's /generate goes to B first (round-robin)
+            b.process.wait()
+            _wait_for(lambda: len(_metrics(run_dir)) >= 2, proc, 480, "step 2")
+            b.start()  # its supervisor restarts it with the checkpoint's weights
+            rc = proc.wait(600)
+            out = proc.tail(200_000)
+        b_log = b.log_path and Path(b.log_path).read_text().rsplit("Application startup complete", 1)[-1]
+    finally:
+        for s in servers:
+            s.stop()
+    assert rc == 0, out
+    rows = _metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    fleet_metrics = [(r["rollout/live_servers"], r["rollout/server_failures"], r["rollout/resyncs"]) for r in rows]
+    # step 2: B is found dead by its /generate (or, had it answered before the kill, by the push after it)
+    assert fleet_metrics[0] == (2, 1, 0) and fleet_metrics[1] in ((1, 2, 0), (2, 1, 0)), fleet_metrics
+    assert fleet_metrics[2] == (2, 2, 1), fleet_metrics
+    assert f"rollout server {down} is out" in out and f"rollout server {b.url} is out" in out
+    # the restarted B took the step-2 weights before its first /generate (step 3's, round-robin)
+    routes = [line.split('"')[1].split()[1] for line in b_log.splitlines() if '"POST /' in line]
+    assert routes[:2] == ["/update_weights_from_tensor", "/generate"], routes
+    ref = _metrics(dp1_run)
+    for k in (0, 1):
+        assert rows[k]["reward/mean"] == ref[k]["reward/mean"] and _rel(rows[k]["train/loss"], ref[k]["train/loss"]) <= 1e-6
+
+    # no server at all: the step waits recovery_timeout_s, then one line naming the server and its error
+    cmd = _train_cmd(1, _args(tiny, tiny.root / "fleet-down", "train.steps=1", f"rollout.urls=[{down}]",
+                              "rollout.recovery_timeout_s=1"))
+    rc, out = _run(cmd, tiny.root / "fleet-down.log", timeout=300)
+    assert rc == 3, out
+    assert f"calibrl train: error: 0 of 1 rollout servers live, rollout.min_live_servers=1, none recovered within " \
+           f"rollout.recovery_timeout_s=1: {down} out (last error: /health: ConnectError" in out, out

@@ -47,6 +47,7 @@ from model_providers.pipeline_split import PipelineSplit
 from model_providers.registry import position_ids
 from rollout.client import RolloutClient
 from rollout.launcher import start_rollout_server
+from rollout.pool import ServerPool
 
 log = logging.getLogger(__name__)
 TRAINS_EXPERT_ROWS = {"luffy", "rlplus"}  # families whose loss has an off-policy expert term
@@ -72,7 +73,7 @@ class Trainer:
         self.weight_version = 0
         self.coefficients = CoefficientSchedule(cfg.algo, cfg.train.steps)
         self._check_layout()
-        self.server, self.stage, urls = None, None, [list(cfg.rollout.urls)]
+        self.server, self.stage, self.pool, urls = None, None, None, [list(cfg.rollout.urls)]
         if self.is_rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if not urls[0]:  # colocated: we start the server ourselves, a child process on loopback
@@ -81,11 +82,15 @@ class Trainer:
                 self.server = start_rollout_server(cfg.rollout, cfg.model.hf_path, self.run_dir, method=method,
                                                    trainer_gpus=trainer_gpus)
                 urls = [[self.server.url]]
+            self.pool = ServerPool(urls[0], probe_interval_s=cfg.rollout.health_probe_interval_s)
+            self.pool.probe_all()  # a server down from the start is out before the first request
             # One request per server per call: a server admits a request's prompts together, so a step's rows
-            # batch the same way in every rerun (concurrent chunks would batch by arrival order).
+            # batch the same way in every rerun (concurrent chunks would batch by arrival order). A chunk whose
+            # server fails goes whole to another live server.
             per_server = -(-max(cfg.train.prompts_per_step, cfg.train.eval_prompts) // len(urls[0]))
             client = RolloutClient(urls[0], api_key=cfg.rollout.api_key or None, timeout=cfg.rollout.timeout_s,
-                                   max_retries=cfg.rollout.max_retries, batch_size=max(8, per_server))
+                                   max_retries=cfg.rollout.max_retries, batch_size=max(8, per_server),
+                                   pool=self.pool)
             self.stage = RolloutStage(cfg.rollout, cfg.algo, cfg.model.hf_path, client, cfg.data.image_backend,
                                       rewards=cfg.rewards, train_seed=cfg.train.seed)
         dist.broadcast_object_list(urls, src=0)
@@ -100,7 +105,9 @@ class Trainer:
         self.sync = WeightSync(self.policy, urls[0], api_key=cfg.rollout.api_key,
                                bucket_mb=cfg.rollout.weight_sync_bucket_mb, timeout_s=cfg.rollout.timeout_s,
                                method=sync_method(cfg.rollout.weight_sync_method, cfg.rollout.engine),
-                               src_dir=cfg.model.hf_path, stage_dir=self.run_dir / "weight_sync")
+                               src_dir=cfg.model.hf_path, stage_dir=self.run_dir / "weight_sync", pool=self.pool,
+                               min_live_servers=cfg.rollout.min_live_servers,
+                               recovery_timeout_s=cfg.rollout.recovery_timeout_s)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
         wandb = WandbSink.from_config(cfg.train, self.run_dir, as_container(cfg), "train") if self.is_rank0 else None
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_rank0, tensorboard=cfg.train.tensorboard,
@@ -183,10 +190,14 @@ class Trainer:
         """Rank 0 samples the step's prompts and rolls them out, assigns the rows to DP ranks (`assign_rows`),
         and the data plane hands every rank its replica's rows only (`DataPlane.exchange`).
 
-        If the servers fail (after the client's retries), rank 0 restarts its colocated server, all ranks
-        re-push the current weights, and the step's rollout is retried once.
+        Before it, `WeightSync.ensure_live` re-syncs the servers that came back and waits for
+        `rollout.min_live_servers` live ones. If the servers fail (after the client's retries), rank 0
+        restarts its colocated server (or, with `rollout.urls`, waits for the fleet to recover) and the
+        step's rollout is retried with the same prompts and seeds.
         """
-        for attempt in range(2):
+        attempts = 2 + len(self.cfg.rollout.urls)  # each failed attempt took at least one server out
+        for attempt in range(attempts):
+            self.sync.ensure_live()
             payload: list = [None]
             rows, plan = None, None
             if self.is_rank0:
@@ -196,14 +207,19 @@ class Trainer:
                     plan = assign_rows(rows, parallel_state.get_data_parallel_world_size(),
                                        self.cfg.train.mini_batches_per_step,
                                        trains_expert=self.cfg.algo.name in TRAINS_EXPERT_ROWS)
+                    metrics.update(self.pool.metrics())
                     payload = [("ok", metrics, self.sampler.state_dict())]
                 except RolloutFailure as exc:
-                    if attempt == 1 or self.server is None:
+                    if attempt == attempts - 1:
                         raise
-                    log.warning("rollout failed (%s): restarting the rollout server and retrying the step", exc)
                     self.sampler.load_state_dict(cursor)
-                    self.server.ensure_running(check_health=True)
-                    payload = [("restarted",)]
+                    if self.server is not None:
+                        log.warning("rollout failed (%s): restarting the rollout server and retrying the step", exc)
+                        self.server.ensure_running(check_health=True)
+                        self.pool.mark_suspect(self.server.url, "was restarted")
+                    else:
+                        log.warning("rollout failed (%s): retrying the step on the live servers", exc)
+                    payload = [("retry",)]
             dist.broadcast_object_list(payload, src=0)  # small: status, metrics, data cursor
             if payload[0][0] == "ok":
                 _, metrics, sampler_state = payload[0]
@@ -212,7 +228,6 @@ class Trainer:
                 metrics.update(data_metrics)
                 metrics["rollout/server_restarts"] = float(self.server.restarts if self.server else 0)
                 return batch, metrics
-            self.sync.push(self.weight_version)  # the restarted server came up with the initial weights
         raise AssertionError("unreachable")
 
     def _collect_step_rows(self) -> tuple[list[Row], dict[str, float]]:
@@ -423,6 +438,8 @@ class Trainer:
         self.sync.close()
         if self.stage is not None:
             self.stage.client.close()
+        if self.pool is not None:
+            self.pool.close()
         if self.server is not None:
             self.server.stop()
         latest = self.ckpt.latest() if summary else None

@@ -22,6 +22,15 @@ the broadcast is abandoned, the group torn down, and the next push joins a fresh
 method "disk" (SGLang / vLLM without a collective): the policy is written as an HF checkpoint
 (`export_hf`, one shard per stage) and every server reloads it through `/update_weights_from_disk`.
 Slower, but it only needs the servers' stock routes; a shared file system is assumed.
+
+A fleet (rollout/pool.py, held by rank 0): every push goes to the pool's live and suspect servers (rank 0
+broadcasts the list). A server whose push fails is marked out and the push goes on with the others; the
+failures of every stage's pusher are gathered on rank 0. With "distributed" the group is the servers it
+was formed with: a different set (one lost, one back) tears it down and forms a new one, and a broadcast
+that fails takes every member out of service (unreachable ones out, the others suspect, since they may
+hold half a push). `ensure_live`, collective, before each step's rollout: suspects get the current
+weights and must report the current `weight_version` before they are live again; below
+`min_live_servers` it waits up to `recovery_timeout_s`, then stops naming every server's last error.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from __future__ import annotations
 import concurrent.futures
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,8 +49,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from calibrl_mcore.trainer.export import export_hf
-from rollout.client import RolloutClient
+from rollout.client import RolloutClient, disk_update_body, tensor_update_body
 from rollout.launcher import free_port
+from rollout.pool import LIVE, SUSPECT, PoolExhausted, ServerPool
 from rollout.weight_group import broadcast_async, close_group, create_group, dtype_name
 
 METHODS = ("tensor", "disk", "distributed")
@@ -82,6 +93,9 @@ class WeightSync:
         stage_dir: str | Path | None = None,
         group_name: str = "calibrl_weights",
         backend: str = "auto",
+        pool: ServerPool | None = None,
+        min_live_servers: int = 1,
+        recovery_timeout_s: float = 300.0,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"weight sync method {method!r} is not one of {', '.join(METHODS)}")
@@ -103,68 +117,157 @@ class WeightSync:
             if self.pusher
             else None
         )
+        # rank 0 keeps the fleet's health (the trainer shares its pool with the rollout client)
+        self.is_rank0 = dist.get_rank() == 0
+        self._own_pool = pool is None and self.is_rank0
+        self.pool = ServerPool(urls) if self._own_pool else pool
+        self.min_live_servers, self.recovery_timeout_s = min_live_servers, recovery_timeout_s
+        self.version: int | None = None  # last pushed
+        self._members: list[str] = []  # distributed: the servers of the current group
         # distributed: this pusher's group (it is rank 0), joined at the first push.
         self.group_name = f"{group_name}_pp{parallel_state.get_pipeline_model_parallel_rank()}"
         self.backend = backend
         self._group: Any = None
         self._backend: str | None = None
 
-    def push(self, version: int) -> None:
-        """Every rank calls this: DP-0 ranks gather over TP, TP-0 of each stage sends its buckets."""
+    def push(self, version: int, *, suspects_only: bool = False) -> None:
+        """Every rank calls this: DP-0 ranks gather over TP, TP-0 of each stage sends its buckets to the
+        pool's live and suspect servers (`suspects_only`: a re-sync); a server that fails is left out."""
+        targets = [self._targets(suspects_only)]
+        dist.broadcast_object_list(targets, src=0)
+        self._failed: dict[str, tuple[str, bool]] = {}  # url -> (reason, still healthy)
+        if targets[0]:
+            self._push_to(targets[0], version)
+        failed: list = [None] * dist.get_world_size() if self.is_rank0 else None
+        dist.gather_object(self._failed, failed, dst=0)
+        self.version = version
+        if self.is_rank0:
+            self._settle(targets[0], {url: f for part in failed for url, f in part.items()}, version)
+        dist.barrier()
+
+    def ensure_live(self) -> None:
+        """Collective, before a step's rollout: re-sync the suspects; below `min_live_servers` wait for
+        recovery up to `recovery_timeout_s`, then raise PoolExhausted naming the servers (on every rank)."""
+        deadline = time.monotonic() + self.recovery_timeout_s
+        resynced_once = False
+        while True:
+            decision = [None]
+            if self.is_rank0:
+                until_suspect = not resynced_once or len(self.pool.live()) < self.min_live_servers
+                try:
+                    left = max(0.0, deadline - time.monotonic())
+                    decision = [self.pool.wait_for(self.min_live_servers, left, until_suspect=until_suspect,
+                                                    configured_timeout_s=self.recovery_timeout_s)]
+                except PoolExhausted as exc:
+                    decision = [str(exc)]
+            dist.broadcast_object_list(decision, src=0)
+            if decision[0] == LIVE:
+                return
+            if decision[0] != SUSPECT:
+                raise PoolExhausted(decision[0])
+            resynced_once = True
+            if self.version is None:  # nothing pushed yet: the checkpoint's weights are the current ones
+                if self.is_rank0:
+                    self._settle(self.pool.suspects(), {}, None)
+                dist.barrier()
+            else:
+                self.push(self.version, suspects_only=True)
+
+    def _targets(self, suspects_only: bool) -> list[str]:
+        if not self.is_rank0:
+            return []
+        return self.pool.suspects() if suspects_only else self.pool.targets()
+
+    def _push_to(self, targets: list[str], version: int) -> None:
         if self.method == "disk":
             path = export_hf(self.policy, self.src_dir, self.stage_dir / "latest")
             if self.client is not None:
-                self.client.update_weights_from_disk(str(path), weight_version=version)
-            dist.barrier()
+                self._record(self.client.post_each("/update_weights_from_disk", disk_update_body(str(path), version),
+                                                   targets))
             return
-        if parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0:
-            send = self._send_tensors if self.method == "tensor" else self._broadcast_bucket
-            if self.client is not None and self.method == "distributed" and self._group is None:
-                self._join_group()
-            bucket, size = [], 0
-            for name, tensor in self.policy.iter_hf_weights():
-                if self.client is None:
-                    continue  # TP peers only take part in the gathers
-                bucket.append((name, tensor))
-                size += tensor.numel() * tensor.element_size()
-                if size >= self.bucket_bytes:
-                    send(bucket, version)
-                    bucket, size = [], 0
-            if self.client is not None and bucket:
-                send(bucket, version)
-        dist.barrier()
+        if parallel_state.get_data_parallel_rank(with_context_parallel=True) != 0:
+            return
+        send = self._send_tensors if self.method == "tensor" else self._broadcast_bucket
+        if self.client is not None and self.method == "distributed":
+            self._form_group(targets)
+        bucket, size = [], 0
+        for name, tensor in self.policy.iter_hf_weights():
+            if self.client is None:
+                continue  # TP peers only take part in the gathers
+            bucket.append((name, tensor))
+            size += tensor.numel() * tensor.element_size()
+            if size >= self.bucket_bytes:
+                send(bucket, version, targets)
+                bucket, size = [], 0
+        if self.client is not None and bucket:
+            send(bucket, version, targets)
+
+    def _record(self, results: dict[str, Any]) -> None:
+        for url, result in results.items():
+            if isinstance(result, Exception):
+                self._failed.setdefault(url, (f"{type(result).__name__}: {result}", False))
+
+    def _settle(self, targets: list[str], failed: dict[str, tuple[str, bool]], version: int | None) -> None:
+        """Rank 0, after a push: failures out (a healthy member of a broken group: suspect, it may hold half
+        a push); suspects that took it live once they report the new version."""
+        self.pool.version = "" if version is None else str(version)
+        for url, (reason, healthy) in failed.items():
+            if healthy:
+                self.pool.mark_suspect(url, f"was in a weight-update group that failed ({reason})")
+            else:
+                self.pool.mark_out(url, f"weight push of version {version}: {reason}")
+        for url in targets:
+            if url not in failed and self.pool.state(url) == SUSPECT:
+                self.pool.resynced(url, self.client.reported_weight_version(url))
 
     def close(self) -> None:
         if self._group is not None:
             self._leave_group()
         if self.client is not None:
             self.client.close()
+        if self._own_pool:
+            self.pool.close()
 
     # ----------------------------------------------------------------------------------------------
-    def _send_tensors(self, bucket: list[tuple[str, torch.Tensor]], version: int) -> None:
-        self.client.update_weights_from_tensors([(n, t.cpu()) for n, t in bucket], weight_version=version)
+    def _send_tensors(self, bucket: list[tuple[str, torch.Tensor]], version: int, targets: list[str]) -> None:
+        urls = [u for u in targets if u not in self._failed]
+        if urls:
+            body = tensor_update_body([(n, t.cpu()) for n, t in bucket], version)
+            self._record(self.client.post_each("/update_weights_from_tensor", body, urls))
 
-    def _join_group(self) -> None:
+    def _form_group(self, targets: list[str]) -> None:
+        """The group must hold exactly `targets`: a lost or a returning server re-forms it."""
+        if self._group is not None and self._members != targets:
+            self._leave_group()
+        if self._group is None:
+            try:
+                self._join_group(targets)
+            except Exception as exc:  # noqa: BLE001 - handed to the pool: the push goes on without them
+                self._fail_group(targets, exc)
+
+    def _join_group(self, urls: list[str]) -> None:
         """Host the group (rank 0) while every server joins it (the request runs in a thread)."""
-        ranks = self.client.server_ranks()
+        ranks = self.client.server_ranks(urls)
         offsets = [1 + sum(ranks[:i]) for i in range(len(ranks))]
         world_size = 1 + sum(ranks)
         backend = self._pick_backend()
-        address, port = _address_towards(self.client.urls[0]), free_port()
+        address, port = _address_towards(urls[0]), free_port()
         group = _together(
             lambda: self.client.init_weights_update_group(
-                address, port, offsets, world_size, self.group_name, backend
+                address, port, offsets, world_size, self.group_name, backend, urls
             ),
             lambda: create_group(address, port, 0, world_size, self.group_name, backend, self.timeout_s),
             self.timeout_s,
             what=f"joining weight-update group {self.group_name!r} at {address}:{port}",
         )
-        self._group, self._backend = group, backend
+        self._group, self._backend, self._members = group, backend, list(urls)
 
-    def _broadcast_bucket(self, bucket: list[tuple[str, torch.Tensor]], version: int) -> None:
+    def _broadcast_bucket(self, bucket: list[tuple[str, torch.Tensor]], version: int, targets: list[str]) -> None:
+        if self._group is None:
+            return  # the group failed earlier in this push: its members are recorded as failed
         device = "cpu" if self._backend == "gloo" else torch.cuda.current_device()
         tensors = [t.detach().to(device).contiguous() for _, t in bucket]
-        group = self._group
+        group, members = self._group, self._members
         try:
             _together(
                 lambda: self.client.update_weights_from_distributed(
@@ -173,19 +276,27 @@ class WeightSync:
                     [list(t.shape) for t in tensors],
                     self.group_name,
                     weight_version=version,
+                    urls=members,
                 ),
                 lambda: [work.wait() for work in broadcast_async(group, tensors)],
                 self.timeout_s,
                 what=f"broadcasting {len(tensors)} tensors over {self.group_name!r}",
             )
-        except Exception:
+        except Exception as exc:  # noqa: BLE001 - handed to the pool: the servers re-sync at the next step
             self._leave_group()  # the servers may hold a half-used group: start over at the next push
-            raise
+            self._fail_group(members, exc)
+
+    def _fail_group(self, members: list[str], exc: Exception) -> None:
+        """A collective failed and does not say which member broke it: the unreachable ones are out, the
+        others suspect (they may hold part of the push) and re-join at the next re-sync."""
+        healthy = self.client.health(members)
+        for url in members:
+            self._failed.setdefault(url, (f"{type(exc).__name__}: {exc}", healthy[url]))
 
     def _leave_group(self) -> None:
-        group, self._group = self._group, None
+        group, members, self._group, self._members = self._group, self._members, None, []
         try:
-            self.client.destroy_weights_update_group(self.group_name)
+            self.client.destroy_weights_update_group(self.group_name, members)
         except Exception:  # noqa: BLE001 - best effort: a server may never have joined
             pass
         close_group(group)
