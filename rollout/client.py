@@ -121,6 +121,8 @@ class RolloutClient:
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="rollout-client")
         self._cycle = itertools.cycle(range(len(self.urls)))
         self._cycle_lock = threading.Lock()
+        self.engine = "sglang"  # check_servers() switches to "vllm" when the servers answer like vLLM
+        self.weight_version: int | None = None  # last version pushed: vLLM's completions do not report it
 
     # ----------------------------------------------------------------------------------------------
     def generate(
@@ -156,6 +158,12 @@ class RolloutClient:
         self, start: int, prompts: list[dict[str, Any]], sampling_params: dict[str, Any], return_logprob: bool,
         seed: int | None,
     ) -> list[Sample]:
+        if self.engine == "vllm":
+            from rollout import vllm_adapter
+
+            bodies = vllm_adapter.completion_bodies(start, prompts, sampling_params, return_logprob, seed)
+            return [s for plan, body in bodies
+                    for s in vllm_adapter.to_samples(plan, self._post("/v1/completions", body), self.weight_version)]
         payload = generate_payload(start, prompts, sampling_params, return_logprob, seed)
         items = self._post("/generate", payload)
         n = int(sampling_params.get("n", 1))
@@ -167,6 +175,13 @@ class RolloutClient:
     # ----------------------------------------------------------------------------------------------
     def update_weights_from_disk(self, model_path: str, weight_version: int | None = None) -> list[dict[str, Any]]:
         """Tell every server to load weights from `model_path` (a path on the servers' machines)."""
+        if self.engine == "vllm":
+            from rollout.vllm_adapter import disk_reload_steps
+
+            steps = disk_reload_steps(model_path, weight_version)
+            replies = [[self._post(route, body, url=url) for route, body in steps] for url in self.urls]
+            self.weight_version = weight_version
+            return [{"success": True, "message": str(r)} for r in replies]
         body: dict[str, Any] = {"model_path": model_path}
         if weight_version is not None:
             body["weight_version"] = str(weight_version)  # SGLang: Optional[str]; an int is a 400
@@ -250,8 +265,9 @@ class RolloutClient:
         return infos
 
     def check_servers(self) -> None:
-        """Before the first request: every server speaks the rollout API (SGLang's routes). A vLLM server
-        (it answers /version but has no /get_model_info) is refused naming the version calibrl would need."""
+        """Before the first request: every server speaks the rollout API (SGLang's routes) or, all of
+        them, vLLM's (it answers /version but has no /get_model_info; rollout/vllm_adapter.py drives it)."""
+        kinds = set()
         for url in self.urls:
             try:
                 if self._http.get(url + "/get_model_info", timeout=30.0).status_code != 404:
@@ -262,8 +278,14 @@ class RolloutClient:
             if is_vllm:
                 from rollout.engines.vllm import check_vllm
 
-                check_vllm(f"rollout.urls: {url}")
+                check_vllm(url, self._http.get(url + "/version", timeout=30.0).json().get("version", ""))
+                kinds.add(url)
+                continue
             raise RolloutRequestError(f"{url}: no /get_model_info: not an SGLang-API rollout server")
+        if kinds and len(kinds) != len(self.urls):
+            raise RolloutRequestError(f"rollout.urls: {sorted(kinds)} are vLLM, the others SGLang-API; use one kind")
+        if kinds:
+            self.engine = "vllm"
 
     def health(self) -> dict[str, bool]:
         result = {}

@@ -50,13 +50,13 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 def sync_method(method: str, engine: str) -> str:
     """`rollout.weight_sync_method` -> the method for a server of `engine` (auto: tensor for the embedded
     engine; disk for SGLang, since "distributed" needs NCCL between the trainer's and the servers'
-    GPUs, which only the operator knows is there). vLLM is refused (rollout/engines/vllm.py)."""
-    if method == "auto" and engine != "vllm":
-        return "tensor" if engine == "embedded" else "disk"
+    GPUs, which only the operator knows is there). vLLM: disk only (rollout/engines/vllm.py)."""
     if engine == "vllm":
-        from rollout.engines.vllm import check_vllm
+        from rollout.engines.vllm import check_vllm_method
 
-        check_vllm("rollout.engine=vllm")
+        return check_vllm_method(method)
+    if method == "auto":
+        return "tensor" if engine == "embedded" else "disk"
     if method not in METHODS:
         raise ValueError(f"rollout.weight_sync_method={method!r} is not one of auto, {', '.join(METHODS)}")
     if engine == "sglang" and method == "tensor":
@@ -103,6 +103,8 @@ class WeightSync:
             if self.pusher
             else None
         )
+        if self.client is not None:
+            self.client.check_servers()  # a vLLM server gets its own weight routes (rollout/vllm_adapter.py)
         # distributed: this pusher's group (it is rank 0), joined at the first push.
         self.group_name = f"{group_name}_pp{parallel_state.get_pipeline_model_parallel_rank()}"
         self.backend = backend
