@@ -105,6 +105,9 @@ class WeightSync:
         )
         if self.client is not None:
             self.client.check_servers()  # a vLLM server gets its own weight routes (rollout/vllm_adapter.py)
+            if self.client.engine == "vllm" and method != "disk":
+                raise ValueError(f"rollout.urls: {urls} are vLLM servers but weight_sync_method={method!r}; "
+                                 "set rollout.engine=vllm (vLLM takes weights from disk)")
         # distributed: this pusher's group (it is rank 0), joined at the first push.
         self.group_name = f"{group_name}_pp{parallel_state.get_pipeline_model_parallel_rank()}"
         self.backend = backend
