@@ -83,6 +83,7 @@ class EngineClient:
 def create_app(engine: Any) -> FastAPI:
     app = FastAPI()
     app.state.engine_client = client = EngineClient(engine)
+    app.state.args = argparse.Namespace(log_error_stack=False)  # `vllm serve`'s CLI args; the handlers read it
     init_exception_handler(app)
     app.include_router(rlhf_router)
     app.include_router(rpc_router)
