@@ -9,18 +9,12 @@ reload) is accepted on the first try and vLLM-shaped answers map to the same Sam
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-
 import httpx
 import pytest
 
 from rollout.client import RolloutClient, RolloutRequestError
-from rollout.launcher import free_port
+from tests.contract.launch import front
 from tests.contract.vllm_env import ensure_installed
-from tests.torchrun_utils import REPO
 
 
 @pytest.fixture(scope="module")
@@ -32,24 +26,8 @@ def tiny(tiny_checkpoints):
 def vllm(tiny, tmp_path_factory):
     """vLLM's front (tests/contract/vllm_front.py) on a free loopback port."""
     ensure_installed()
-    port, log = free_port(), tmp_path_factory.mktemp("vllm") / "front.log"
-    env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tests.contract.vllm_front", "--model", str(tiny),
-                                 "--port", str(port)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
-        time.sleep(0.5)
-    yield url
-    proc.kill()
-    proc.wait(30)
+    with front("tests.contract.vllm_front", tiny, tmp_path_factory.mktemp("vllm") / "front.log") as url:
+        yield url
 
 
 def test_client_drives_vllm_routes_on_first_try(vllm, tiny):

@@ -1,0 +1,42 @@
+"""Start a contract front (tests/contract/*_front.py) as its own process on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from rollout.launcher import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@contextmanager
+def front(module: str, model: Path, log: Path, timeout: float = 300) -> Iterator[str]:
+    """`python -m <module> --model <model> --port P` until /health answers; yields its URL, kills it after."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", module, "--model", str(model), "--port", str(port)],
+                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.kill()
+        proc.wait(30)
