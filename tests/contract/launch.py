@@ -6,9 +6,10 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -40,3 +41,24 @@ def front(module: str, model: Path, log: Path, timeout: float = 300) -> Iterator
     finally:
         proc.kill()
         proc.wait(30)
+
+
+def serve(create_app: Callable[[Any], Any]) -> int:
+    """A front's main: `--model DIR --port P`, the embedded engine (CPU, fp32) behind `create_app(engine)`."""
+    import argparse
+
+    import torch
+    import uvicorn
+
+    from rollout.engines.embedded import EmbeddedEngine
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--port", type=int, required=True)
+    args = p.parse_args()
+    engine = EmbeddedEngine(args.model, device="cpu", dtype=torch.float32)
+    try:
+        uvicorn.run(create_app(engine), host="127.0.0.1", port=args.port, log_level="warning")
+    finally:
+        engine.shutdown()
+    return 0

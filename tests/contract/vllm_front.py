@@ -23,12 +23,11 @@ import time
 import uuid
 from typing import Any
 
+from tests.contract.launch import serve
 from tests.contract.vllm_env import TARGET
 
 sys.path.append(str(TARGET))  # after the venv: our torch / transformers win
 
-import torch  # noqa: E402
-import uvicorn  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 from vllm import version as vllm_version  # noqa: E402
 from vllm.entrypoints.openai.completion.protocol import (  # noqa: E402
@@ -155,20 +154,5 @@ def _choice(index: int, out: Any, request: CompletionRequest) -> CompletionRespo
                                     token_ids=out.output_ids if request.return_token_ids else None)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", required=True)
-    p.add_argument("--port", type=int, required=True)
-    args = p.parse_args()
-    from rollout.engines.embedded import EmbeddedEngine
-
-    engine = EmbeddedEngine(args.model, device="cpu", dtype=torch.float32)
-    try:
-        uvicorn.run(create_app(engine), host="127.0.0.1", port=args.port, log_level="warning")
-    finally:
-        engine.shutdown()
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(serve(create_app))
