@@ -27,7 +27,7 @@
 #   (lmsysorg/sglang:v0.5.4.post3) and pass `rollout.urls=[...]`.
 # Not installed from the `gpu` extra:
 # * not installed: vllm (0.30.0, pyproject's pin: its wheels pin torch==2.13.0 and CUDA 13, this image has torch
-#   2.8 and CUDA 12.9; and calibrl does not drive vLLM's routes yet: rollout/engines/vllm.py refuses it at start)
+#   2.8 and CUDA 12.9; calibrl drives it through rollout/vllm_adapter.py, text prompts only)
 # * not installed: flash-attn (TE uses cuDNN fused attention, SGLang flashinfer; a source build is ~1 h)
 FROM nvcr.io/nvidia/pytorch:25.06-py3
 

@@ -20,10 +20,11 @@ install: $(STAMP)
 lint: install
 	$(VENV)/bin/ruff check .
 
-# SGLang (the Dockerfile's version) for the contract tests, --no-deps into .cache/ (not the venv: its
+# SGLang (the Dockerfile's version) and vLLM's Python code (the `gpu` extra's) for the contract tests, --no-deps into .cache/ (not the venv: its
 # torch/transformers pins would replace ours); installed once, a second run finds it (tests/contract/).
 contract-deps: install
 	$(PY) -m tests.contract.sglang_env
+	$(PY) -m tests.contract.vllm_env
 
 test: install lint contract-deps
 	$(PY) -m pytest -q tests

@@ -129,6 +129,8 @@ class RolloutClient:
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="rollout-client")
         self._cycle = itertools.cycle(range(len(self.urls)))
         self._cycle_lock = threading.Lock()
+        self.engine = "sglang"  # check_servers() switches to "vllm" when the servers answer like vLLM
+        self.weight_version: int | None = None  # last version pushed: vLLM's completions do not report it
 
     # ----------------------------------------------------------------------------------------------
     def generate(
@@ -164,6 +166,12 @@ class RolloutClient:
         self, start: int, prompts: list[dict[str, Any]], sampling_params: dict[str, Any], return_logprob: bool,
         seed: int | None,
     ) -> list[Sample]:
+        if self.engine == "vllm":
+            from rollout import vllm_adapter
+
+            bodies = vllm_adapter.completion_bodies(start, prompts, sampling_params, return_logprob, seed)
+            return [s for plan, body in bodies
+                    for s in vllm_adapter.to_samples(plan, self._post("/v1/completions", body), self.weight_version)]
         payload = generate_payload(start, prompts, sampling_params, return_logprob, seed)
         items = self._post("/generate", payload, accept=self._stale)
         n = int(sampling_params.get("n", 1))
@@ -175,6 +183,8 @@ class RolloutClient:
     # ----------------------------------------------------------------------------------------------
     def update_weights_from_disk(self, model_path: str, weight_version: int | None = None) -> list[dict[str, Any]]:
         """Tell every server to load weights from `model_path` (a path on the servers' machines)."""
+        if self.engine == "vllm":
+            return [self._vllm_reload(url, model_path, weight_version) for url in self.urls]
         body = disk_update_body(model_path, weight_version)
         return [self._post("/update_weights_from_disk", body, url=url) for url in self.urls]
 
@@ -186,17 +196,27 @@ class RolloutClient:
         body = tensor_update_body(named_tensors, weight_version)
         return [self._post("/update_weights_from_tensor", body, url=url) for url in self.urls]
 
+    def _vllm_reload(self, url: str, model_path: str, weight_version: int | None) -> dict[str, Any]:
+        """vLLM's dev-mode disk reload on one server (rollout/vllm_adapter.py: pause, reload, version, resume)."""
+        from rollout.vllm_adapter import disk_reload_steps
+
+        replies = [self._post(route, body, url=url) for route, body in disk_reload_steps(model_path, weight_version)]
+        self.weight_version = weight_version
+        return {"success": True, "message": str(replies)}
+
+    def push_disk_each(self, model_path: str, weight_version: int, urls: list[str]) -> dict[str, Any]:
+        """`update_weights_from_disk` on each of `urls` at once: url -> its reply, or the exception that ended
+        its retries (as `post_each`; vLLM servers through their own reload routes)."""
+        if self.engine != "vllm":
+            return self.post_each("/update_weights_from_disk", disk_update_body(model_path, weight_version), urls)
+        futures = {url: self._pool.submit(self._vllm_reload, url, model_path, weight_version) for url in urls}
+        return {url: _result_or_error(future) for url, future in futures.items()}
+
     def post_each(self, route: str, body: dict[str, Any], urls: list[str]) -> dict[str, Any]:
         """POST one body to each of `urls` at once (each retried on itself): url -> its reply, or the
         exception that ended its retries (a fleet's push goes on past a dead server)."""
         futures = {url: self._pool.submit(self._post, route, body, url) for url in urls}
-        results: dict[str, Any] = {}
-        for url, future in futures.items():
-            try:
-                results[url] = future.result()
-            except (RolloutRequestError, httpx.HTTPError) as exc:
-                results[url] = exc
-        return results
+        return {url: _result_or_error(future) for url, future in futures.items()}
 
     # Weight sync over a collective (SGLang's routes; rollout/weight_group.py). The caller is rank 0
     # of the group and must join it while these requests are in flight: call them from a thread.
@@ -262,11 +282,13 @@ class RolloutClient:
         return infos
 
     def check_servers(self) -> None:
-        """Before the first request: every server speaks the rollout API (SGLang's routes). A vLLM server
-        (it answers /version but has no /get_model_info) is refused naming the version calibrl would need."""
+        """Before the first request: every server speaks the rollout API (SGLang's routes) or, all of
+        them, vLLM's (it answers /version but has no /get_model_info; rollout/vllm_adapter.py drives it)."""
+        kinds, sglang = set(), set()
         for url in self.urls:
             try:
                 if self._http.get(url + "/get_model_info", timeout=30.0).status_code != 404:
+                    sglang.add(url)
                     continue
                 is_vllm = self._http.get(url + "/version", timeout=30.0).status_code == 200
             except httpx.HTTPError:
@@ -274,8 +296,14 @@ class RolloutClient:
             if is_vllm:
                 from rollout.engines.vllm import check_vllm
 
-                check_vllm(f"rollout.urls: {url}")
+                check_vllm(url, self._http.get(url + "/version", timeout=30.0).json().get("version", ""))
+                kinds.add(url)
+                continue
             raise RolloutRequestError(f"{url}: no /get_model_info: not an SGLang-API rollout server")
+        if kinds and sglang:  # servers unreachable now count as neither
+            raise RolloutRequestError(f"rollout.urls: {sorted(kinds)} are vLLM, the others SGLang-API; use one kind")
+        if kinds:
+            self.engine = "vllm"
 
     def health(self, urls: list[str] | None = None) -> dict[str, bool]:
         result = {}
@@ -287,9 +315,11 @@ class RolloutClient:
         return result
 
     def reported_weight_version(self, url: str) -> str | None:
-        """The `weight_version` the server at `url` reports now (None: unreachable or not reported)."""
+        """The `weight_version` the server at `url` reports now (None: unreachable or not reported): SGLang's
+        `/get_model_info`, vLLM's dev-mode `/weight_info`."""
         try:
-            response = self._http.get(url + "/get_model_info", timeout=30.0)
+            response = self._http.get(url + ("/weight_info" if self.engine == "vllm" else "/get_model_info"),
+                                      timeout=30.0)
             return response.json().get("weight_version") if response.status_code == 200 else None
         except (httpx.HTTPError, ValueError, AttributeError):
             return None
@@ -351,6 +381,13 @@ class RolloutClient:
             if attempt < max_retries:
                 time.sleep(self.backoff * (2**attempt))
         raise RolloutRequestError(f"{route}: gave up after {max_retries + 1} attempts: {last_error!r}")
+
+
+def _result_or_error(future: Any) -> Any:
+    try:
+        return future.result()
+    except (RolloutRequestError, httpx.HTTPError) as exc:
+        return exc
 
 
 def disk_update_body(model_path: str, weight_version: int | None) -> dict[str, Any]:

@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -28,7 +24,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from rollout.client import RolloutClient, RolloutRequestError
-from rollout.launcher import EmbeddedServerProcess, free_port
+from rollout.launcher import EmbeddedServerProcess
+from tests.contract.launch import front
 from tests.contract.sglang_env import ensure_installed
 from tests.torchrun_utils import REPO, run_torchrun
 
@@ -52,24 +49,8 @@ def tiny(tiny_checkpoints):
 def sglang(tiny, tmp_path_factory):
     """SGLang's front (tests/contract/sglang_front.py) on a free loopback port."""
     ensure_installed()
-    port, log = free_port(), tmp_path_factory.mktemp("sglang") / "front.log"
-    env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tests.contract.sglang_front", "--model", str(tiny),
-                                 "--port", str(port)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
-        time.sleep(0.5)
-    yield url
-    proc.kill()
-    proc.wait(30)
+    with front("tests.contract.sglang_front", tiny, tmp_path_factory.mktemp("sglang") / "front.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +224,7 @@ def test_pins_agree_and_payload_shapes():
     assert unseeded == {"input_ids": [[1]], "sampling_params": {"n": 3}, "return_logprob": False}
 
 
-def test_server_gpus_and_vllm_refused_at_start():
+def test_server_gpus():
     from calibrl_mcore.config import RolloutConfig
     from calibrl_mcore.trainer.weight_sync import sync_method
     from rollout.launcher import server_base_gpu
@@ -256,5 +237,4 @@ def test_server_gpus_and_vllm_refused_at_start():
     with pytest.raises(ValueError, match="share a GPU"):
         server_base_gpu(RolloutConfig(engine="sglang", server_base_gpu=0), "distributed", 1, 8)
     assert server_base_gpu(sglang, "disk", trainer_gpus=8, device_count=8) == 8  # allowed, with a warning
-    with pytest.raises(ValueError, match=r"vLLM 0\.30\.0 .*sglang==0\.5\.4\.post3"):
-        sync_method("auto", "vllm")
+    assert sync_method("auto", "sglang") == "disk"  # vLLM's methods: tests/test_vllm_contract.py

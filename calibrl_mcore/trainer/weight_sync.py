@@ -49,7 +49,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from calibrl_mcore.trainer.export import export_hf
-from rollout.client import RolloutClient, disk_update_body, tensor_update_body
+from rollout.client import RolloutClient, tensor_update_body
 from rollout.launcher import free_port
 from rollout.pool import LIVE, SUSPECT, PoolExhausted, ServerPool
 from rollout.weight_group import broadcast_async, close_group, create_group, dtype_name
@@ -61,13 +61,13 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 def sync_method(method: str, engine: str) -> str:
     """`rollout.weight_sync_method` -> the method for a server of `engine` (auto: tensor for the embedded
     engine; disk for SGLang, since "distributed" needs NCCL between the trainer's and the servers'
-    GPUs, which only the operator knows is there). vLLM is refused (rollout/engines/vllm.py)."""
-    if method == "auto" and engine != "vllm":
-        return "tensor" if engine == "embedded" else "disk"
+    GPUs, which only the operator knows is there). vLLM: disk only (rollout/engines/vllm.py)."""
     if engine == "vllm":
-        from rollout.engines.vllm import check_vllm
+        from rollout.engines.vllm import check_vllm_method
 
-        check_vllm("rollout.engine=vllm")
+        return check_vllm_method(method)
+    if method == "auto":
+        return "tensor" if engine == "embedded" else "disk"
     if method not in METHODS:
         raise ValueError(f"rollout.weight_sync_method={method!r} is not one of auto, {', '.join(METHODS)}")
     if engine == "sglang" and method == "tensor":
@@ -124,6 +124,11 @@ class WeightSync:
         self.min_live_servers, self.recovery_timeout_s = min_live_servers, recovery_timeout_s
         self.version: int | None = None  # last pushed
         self._members: list[str] = []  # distributed: the servers of the current group
+        if self.client is not None:
+            self.client.check_servers()  # a vLLM server gets its own weight routes (rollout/vllm_adapter.py)
+            if self.client.engine == "vllm" and method != "disk":
+                raise ValueError(f"rollout.urls: {urls} are vLLM servers but weight_sync_method={method!r}; "
+                                 "set rollout.engine=vllm (vLLM takes weights from disk)")
         # distributed: this pusher's group (it is rank 0), joined at the first push.
         self.group_name = f"{group_name}_pp{parallel_state.get_pipeline_model_parallel_rank()}"
         self.backend = backend
@@ -182,8 +187,7 @@ class WeightSync:
         if self.method == "disk":
             path = export_hf(self.policy, self.src_dir, self.stage_dir / "latest")
             if self.client is not None:
-                self._record(self.client.post_each("/update_weights_from_disk", disk_update_body(str(path), version),
-                                                   targets))
+                self._record(self.client.push_disk_each(str(path), version, targets))
             return
         if parallel_state.get_data_parallel_rank(with_context_parallel=True) != 0:
             return

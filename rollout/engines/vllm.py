@@ -1,17 +1,13 @@
-"""vLLM: what the pinned version serves, and why `calibrl train` refuses it at start.
+"""vLLM: the pinned version, what calibrl drives of it, and the start-time refusals of what it lacks.
 
-The `gpu` extra pins vllm==0.30.0 (its own pins, torch==2.13.0 and transformers>=5.10.4, fit ours). It
-serves the OpenAI routes (`/v1/completions` with token-id prompts and `logprobs`, `/v1/chat/completions`
-with images), `/health`, `/version`, and in dev mode (VLLM_SERVER_DEV_MODE=1) its RL weight path:
-`/pause`, `/init_weight_transfer_engine`, `/start_weight_update`, `/update_weights`,
-`/finish_weight_update`, `/resume` (vllm/entrypoints/serve/dev/rlhf/api_router.py), whose NCCL engine
-moves weights in vLLM's own packed format (vllm/distributed/weight_transfer/nccl_engine.py). It has no
-`/generate`, no `/update_weights_from_disk` and no `/update_weights_from_distributed`.
-
-calibrl's trainer and `calibrl eval` speak SGLang's routes (rollout/client.py). Driving vLLM's completion
-routes and its weight-transfer engine is not written yet, so a vLLM server is refused before the first
-step (`check_vllm`) with this message instead of a 404 mid-run; `calibrl serve --engine vllm` still
-launches and supervises one.
+The `gpu` extra pins vllm==0.30.0 (its own pins, torch==2.13.0 and transformers>=5.10.4, fit ours). The
+trainer and `calibrl eval` drive it through rollout/vllm_adapter.py: OpenAI `/v1/completions` with
+token-id prompts, n, per-request `seed`, `logprobs=0` and `return_token_ids`, and, in dev mode
+(VLLM_SERVER_DEV_MODE=1), weights from disk via `/pause`, `/collective_rpc` reload_weights,
+`/update_weight_version`, `/resume` (vllm/entrypoints/serve/dev/{rlhf,rpc}/api_router.py). Not driven:
+its NCCL weight-transfer engine (`/init_weight_transfer_engine`, `/update_weights`, vLLM's own packed
+format, vllm/distributed/weight_transfer/nccl_engine.py) and images with token prompts (0.30.0's
+`/v1/completions` has none). Those, and servers older than 0.30.0, are refused before the first step.
 """
 
 from __future__ import annotations
@@ -23,17 +19,26 @@ import sys
 from rollout.engines.base import ExternalServer
 
 VLLM_VERSION = "0.30.0"  # pyproject's `gpu` extra; the Dockerfile names it (not installed there)
-UNSUPPORTED = (
-    f"vLLM {VLLM_VERSION} (the pinned version) serves /v1/completions and its dev-mode weight-transfer engine "
-    "(/init_weight_transfer_engine, /update_weights), not SGLang's /generate and /update_weights_from_* routes "
-    "that calibrl train and calibrl eval use; calibrl does not drive vLLM's routes yet: use rollout.engine=sglang "
-    "(sglang==0.5.4.post3) or embedded"
-)
 
 
-def check_vllm(what: str) -> None:
-    """Refuse a vLLM server for `what` (a config key or a URL) before any request is sent."""
-    raise ValueError(f"{what}: {UNSUPPORTED}")
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("+")[0].split(".")[:3] if p.isdigit())
+
+
+def check_vllm(url: str, version: str) -> None:
+    """Refuse a vLLM server at `url` whose `/version` is older than the routes calibrl drives."""
+    if not version or _release(version) < _release(VLLM_VERSION):
+        raise ValueError(f"rollout.urls: {url} is vLLM {version or '(unknown version)'}; calibrl drives vLLM's "
+                         f"/v1/completions return_token_ids and dev-mode /pause, /collective_rpc reload_weights, "
+                         f"/update_weight_version routes, which need vllm>={VLLM_VERSION}")
+
+
+def check_vllm_method(method: str) -> str:
+    """`rollout.weight_sync_method` for vLLM: disk (auto) only."""
+    if method not in ("auto", "disk"):
+        raise ValueError(f"rollout.weight_sync_method={method!r}: with rollout.engine=vllm only 'disk' (or auto) is "
+                         f"supported; vLLM {VLLM_VERSION}'s NCCL weight-transfer engine is not driven by calibrl yet")
+    return "disk"
 
 
 class VLLMServer(ExternalServer):

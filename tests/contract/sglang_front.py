@@ -24,19 +24,18 @@ Test routes: GET /contract/requests (every request's route and status), POST /co
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 import uuid
 from typing import Any
 
+from tests.contract.launch import serve
 from tests.contract.sglang_env import TARGET
 
 sys.path.append(str(TARGET))  # after the venv: our torch / transformers win
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import uvicorn  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
@@ -240,22 +239,12 @@ def _item(one: GenerateReqInput, sample: Any, version: str) -> dict[str, Any]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", required=True)
-    p.add_argument("--port", type=int, required=True)
-    args = p.parse_args()
-    from rollout.engines.embedded import EmbeddedEngine
     from rollout.launcher import free_port
 
     # SGLang's workers live in a torch.distributed world of their own (TP); its weight-update groups
     # are created beside that default group.
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    engine = EmbeddedEngine(args.model, device="cpu", dtype=torch.float32)
-    try:
-        uvicorn.run(create_app(engine), host="127.0.0.1", port=args.port, log_level="warning")
-    finally:
-        engine.shutdown()
-    return 0
+    return serve(create_app)
 
 
 if __name__ == "__main__":
