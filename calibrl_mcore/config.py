@@ -68,8 +68,6 @@ class ParallelSection:
     """CP degree: each sequence split into 2·CP load-balanced chunks; needs model.spec te or sdpa (not local)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism: norm/dropout activations split over TP (TP > 1; model.spec te or sdpa)."""
-    seed: int = 1234
-    """seed for parameter init, dropout and the trainer's RNGs."""
 
 
 @dataclass
@@ -82,8 +80,6 @@ class DataConfig:
     """prompts longer than this (after image-token expansion) are filtered out."""
     max_images: int = 10
     """images per prompt above this are an error for that row (skipped and counted)."""
-    seed: int = 0
-    """shuffling seed (the sampler's order is resumable)."""
     image_backend: str = "processor"
     """trainer-side image preprocessing: processor (the HF processor, CPU) | pil (data/dali.py's PIL path,
     identical pixels) | dali (NVIDIA DALI on the GPU) | auto (dali when CUDA and DALI are there, else pil)."""
@@ -207,6 +203,18 @@ class AlgoConfig:
     """experts failing the verifier: none (use them) | drop (no calibration for the group) | downweight."""
     expert_gate_weight: float = 0.5
     """calibration weight of a group whose experts all fail the verifier (expert_gate=downweight)."""
+    calibration_groups: str = "all"
+    """CalibRL: groups that get the calibration term: all (the paper) | with_pass (only groups where some rollout
+    passes; a group where all fail but rewards differ, e.g. by format, would otherwise only push log-probs down)."""
+
+
+@dataclass
+class RewardsConfig:
+    gate_on_format: bool = False
+    """false: the paper's training reward r = acc + algo.format_weight · fmt, under which a right answer in a
+    broken format still passes (watch reward/pass_broken_format_frac). true: r = acc · fmt + format_weight · fmt,
+    accuracy counts only inside `<think>…</think><answer>…</answer>` (for tasks where the format matters).
+    Validation scores acc × fmt either way."""
 
 
 @dataclass
@@ -235,6 +243,10 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    seed: int = 0
+    """seeds everything random in a run: parameter init, dropout and the trainer's RNGs (offset per pipeline
+    stage), the prompt order (resumable) and every rollout's sampling (`rollout_stage.rollout_seed`). Runs repeat
+    bit for bit on one machine with the same thread count; other CPUs / thread counts / GPUs round differently."""
     steps: int = 10
     """rollout steps (each: rollout → advantages → mini-batch updates → weight sync)."""
     prompts_per_step: int = 8
@@ -252,10 +264,22 @@ class TrainConfig:
     """evaluate on data.eval_path every N steps (0 = only at the end if eval_path is set)."""
     eval_prompts: int = 64
     """held-out prompts per evaluation."""
+    eval_samples: int = 0
+    """> 0: each evaluation also samples this many responses per held-out prompt at rollout.temperature (seeded
+    by train.seed, the same draws at every evaluation) and reports eval/pass@k, the unbiased estimate of the
+    chance that one of k samples is right (acc × fmt), for k = 1, 2, 4, ... up to this number."""
     tensorboard: bool = True
     """also write TensorBoard events."""
     progress: bool = True
-    """tqdm progress bar on rank 0."""
+    """one progress line on rank 0 (rewritten in place on a terminal; a few plain lines in a log file)."""
+    log_level: str = "info"
+    """terminal output: warning | info (ours at INFO; Megatron, httpx, math-verify, transformers at WARNING;
+    known library fallback warnings folded into the start-up line) | verbose (everything, as the libraries log
+    it; the --verbose flag) | debug."""
+    wandb: str = ""
+    """W&B project: when set, metrics also go to a W&B run (files in <run_dir>/wandb; '' = off)."""
+    wandb_mode: str = "auto"
+    """auto (WANDB_MODE if set, else online) | online | offline (no network; `wandb sync` uploads later)."""
 
 
 @dataclass
@@ -287,6 +311,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -309,9 +334,16 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "algo.lam_schedule": ("constant", "linear", "cosine", "entropy"),
     "algo.expert_agg": ("mean", "max", "logmeanexp"),
     "algo.expert_gate": ("none", "drop", "downweight"),
+    "algo.calibration_groups": ("all", "with_pass"),
     "algo.agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
     "optim.lr_schedule": ("constant", "cosine", "linear"),
+    "train.log_level": ("warning", "info", "verbose", "debug"),
+    "train.wandb_mode": ("auto", "online", "offline"),
 }
+
+
+MOVED_KEYS: dict[str, str] = {"data.seed": "train.seed", "parallel.seed": "train.seed"}
+"""Keys that were replaced: a config that still sets one gets an error naming its successor."""
 
 
 class ConfigError(ValueError):
@@ -332,6 +364,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be > 0, got {getattr(getattr(cfg, section), name)}")
     if cfg.algo.dynamic_sampling_max_rounds < 0:
         raise ConfigError(f"algo.dynamic_sampling_max_rounds must be >= 0, got {cfg.algo.dynamic_sampling_max_rounds}")
+    if cfg.train.eval_samples < 0:
+        raise ConfigError(f"train.eval_samples must be >= 0 (0 = greedy accuracy only), got {cfg.train.eval_samples}")
     if cfg.train.max_tokens_per_micro_batch < 0:
         raise ConfigError(f"train.max_tokens_per_micro_batch must be >= 0 (0 = off), got "
                           f"{cfg.train.max_tokens_per_micro_batch}")
@@ -407,15 +441,24 @@ def load_config(
     merged = OmegaConf.structured(Config)
     for where, layer in layers:  # one at a time, so that an error names its source
         try:
-            merged = OmegaConf.merge(merged, layer())
+            loaded = layer()
+            _refuse_moved_keys(loaded, where)
+            merged = OmegaConf.merge(merged, loaded)
         except OmegaConfBaseException as exc:
             key = getattr(exc, "full_key", None)
-            msg = exc.msg if hasattr(exc, "msg") else exc
+            msg = str(exc.msg if hasattr(exc, "msg") else exc).splitlines()[0]  # OmegaConf appends its key dump
             raise ConfigError(f"config error{where} at key {key!r}: {msg}") from exc
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     _restore_on_off(cfg)
     _validate(cfg)
     return cfg
+
+
+def _refuse_moved_keys(layer: Any, where: str) -> None:
+    for old, new in MOVED_KEYS.items():
+        if isinstance(layer, DictConfig) and OmegaConf.select(layer, old, default=None) is not None:
+            raise ConfigError(f"{old}{where} was replaced by {new} (one seed for init, data order and rollout "
+                              f"sampling): set {new} instead")
 
 
 def _restore_on_off(cfg: Config) -> None:
@@ -435,6 +478,11 @@ def to_yaml(cfg: Config) -> str:
 
 def as_dictconfig(cfg: Config) -> DictConfig:
     return OmegaConf.structured(cfg)
+
+
+def as_container(cfg: Config) -> dict[str, Any]:
+    """The resolved config as plain nested dicts (e.g. a W&B run's config)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
 
 
 def field_docs() -> dict[str, str]:

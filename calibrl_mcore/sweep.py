@@ -60,6 +60,16 @@ def read_cell(run_dir: Path) -> dict:
     }
 
 
+def check_cells(config: str, grid: dict[str, list[str]], fixed: list[str]) -> None:
+    """Every cell's config and input files, before the first cell starts (ConfigError / InputError, one line)."""
+    from calibrl_mcore.config import load_config
+    from calibrl_mcore.inputs import check_command_inputs
+
+    keys = list(grid)
+    for values in itertools.product(*(grid[k] for k in keys)):
+        check_command_inputs("train", load_config(config, [*fixed, *(f"{k}={v}" for k, v in zip(keys, values))]))
+
+
 def run_sweep(config: str, grid: dict[str, list[str]], fixed: list[str], out: Path, nproc: int = 1,
               extra_env: dict | None = None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
@@ -158,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/sweep"))
     parser.add_argument("--nproc", type=int, default=1, help="torchrun processes per cell")
     args = parser.parse_args(argv)
+    check_cells(args.config, parse_grid(args.grid), args.set)
     results = run_sweep(args.config, parse_grid(args.grid), args.set, args.out, args.nproc)
     print((args.out / "summary.md").read_text())
     return 0 if all(r["returncode"] == 0 for r in results) else 1

@@ -2,7 +2,7 @@
 
 Megatron's local `DotProductAttention` builds the [b, np, sq, sk] score matrix (baddbmm), softmaxes it and
 multiplies by V: S x S memory per head on every device (on an H200 the 3B decoder ran at half the speed of
-SDPA, see shared/GPU.md). `SDPACoreAttention` takes the same constructor arguments and the same forward
+SDPA, see docs/gpu.md). `SDPACoreAttention` takes the same constructor arguments and the same forward
 arguments and returns the same [sq, b, np * hn] tensor, so it drops into `SelfAttentionSubmodules.core_attention`
 of the local spec without changing any parameter name (it has no parameters). On CUDA, SDPA dispatches to
 flash attention (no mask tensor) or the memory-efficient kernel (boolean mask): neither stores S x S.

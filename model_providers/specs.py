@@ -280,4 +280,6 @@ def backend_config_kwargs(backend: Backend, params_dtype: torch.dtype) -> dict:
         attention_softmax_in_fp32=True,
         hidden_dropout=0.0,
         attention_dropout=0.0,
+        # Megatron 0.16's default "full" is deprecated (a warning per config) and means the same as [].
+        cuda_graph_scope=[],
     )

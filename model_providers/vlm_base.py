@@ -429,7 +429,7 @@ def compile_decoder_layers(model: VisionLanguageModel) -> None:
 
     Without Transformer Engine the sdpa spec runs a layer as ~20 separate kernels (norm, rotary, bias,
     SwiGLU, residual adds); Inductor fuses the elementwise ones around the matmuls and SDPA (the anchor in
-    shared/GPU.md: transformers' Qwen2 went from 20.6k to 24.6k tokens/s on an H200 with per-layer compile).
+    docs/gpu.md: transformers' Qwen2 went from 20.6k to 24.6k tokens/s on an H200 with per-layer compile).
     Layers are identical modules, so Dynamo compiles one graph (parameters are graph inputs) and reuses it;
     shapes become dynamic after the first new sequence length, so variable micro-batch lengths do not
     recompile per length. Parameter names and state dicts are unchanged (the compiled wrapper is internal

@@ -251,17 +251,9 @@ def create_app(engine: RolloutEngine, api_key: str | None = None) -> FastAPI:
 
 
 async def _run(engine: RolloutEngine, requests: list[GenerateRequest]) -> list[list[SampleOutput]]:
-    """Submit all requests (so they batch in the engine), then await them; cancel the rest on a bad one."""
-    futures = []
-    try:
-        for request in requests:
-            futures.append(await run_in_threadpool(engine.submit, request))
-    except EngineInputError as exc:
-        for future in futures:
-            future.cancel()
-        if len(requests) > 1:
-            raise EngineInputError(exc.field, f"{exc.message} (prompt {len(futures)})") from exc
-        raise
+    """Submit all requests as one unit (so they batch in the engine, the same way every time), then await
+    them; a bad one fails the call naming it (`submit_batch`)."""
+    futures = await run_in_threadpool(engine.submit_batch, requests)
     return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
 
 

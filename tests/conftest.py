@@ -1,3 +1,4 @@
+import logging
 import os
 import sys
 from pathlib import Path
@@ -38,3 +39,22 @@ def tiny_checkpoints(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny")
     return {arch: make_tiny_model(arch, root / arch, seed=0) for arch in ("qwen2_5_vl", "internvl")}
+
+
+@pytest.fixture
+def restore_logging():
+    """configure_logging changes process-wide state: put the root handlers and levels back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from calibrl_mcore import terminal
+
+    named = {n: logging.getLogger(n).level for n in (*terminal.OUR_LOGGERS, *terminal.THIRD_PARTY_LOGGERS)}
+    yield
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(level)
+    for n, lvl in named.items():
+        logging.getLogger(n).setLevel(lvl)
+    logging.captureWarnings(False)

@@ -55,3 +55,15 @@ def test_gpu_rollout_bench_runs_on_cpu(tmp_path):
     r = run_bench("gpu_rollout.py", "--device", "cpu", "--prompts", "2", "--prompt-len", "8", "--new-tokens", "4",
                   out=tmp_path / "r.json")
     assert r["case"]["engine_tokens"] > 0 and r["case"]["hf_tokens"] > 0 and r["engine_over_hf_generate"] > 0
+
+
+def test_data_plane_bench_estimate():
+    """The paper-scale estimate's code path (assign_rows + pack_shard on synthetic sizes) at 8 of the 480 prompts,
+    in process; the measured part (4 torchrun ranks) is what tests/test_data_plane.py's worker runs."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from data_plane import paper_estimate, parse_args
+
+    r = paper_estimate(parse_args(["--paper-scale", str(8 / 480), "--paper-dp", "2,4"]))
+    assert r["pixel_bytes_per_prompt"] == 5476 * 1176 * 4  # 1024 px -> 1036 px: 74 x 74 patches, fp32
+    two, four = r["by_dp"][2], r["by_dp"][4]
+    assert four["bytes_per_rank_max"] < two["bytes_per_rank_max"] < r["broadcast_bytes_per_rank"] / 50

@@ -41,6 +41,16 @@ def test_overrides_and_errors():
         load_config(None, ["algo.name"])
 
 
+def test_replaced_seed_keys_name_train_seed(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("data:\n  seed: 3\n")
+    with pytest.raises(ConfigError, match=f"data.seed in {old} was replaced by train.seed"):
+        load_config(old)
+    with pytest.raises(ConfigError, match="parallel.seed in the command-line overrides was replaced by train.seed"):
+        load_config(overrides=["parallel.seed=1"])
+    assert load_config(overrides=["train.seed=7"]).train.seed == 7
+
+
 def test_unknown_key_in_file_is_named(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  stepz: 3\n")
@@ -61,7 +71,7 @@ def test_layout_is_merged_over_the_config_and_under_overrides():
     assert cfg.parallel.tensor_model_parallel_size == 1
     with pytest.raises(ConfigError, match="neither a file nor one of configs/layouts: .*qwen2_5_vl_3b_h100x8"):
         load_config(layout="no_such_layout")
-    with pytest.raises(ConfigError, match="in the command-line overrides at key 'parallel.seed'"):
-        load_config(overrides=["parallel.seed=abc"])
+    with pytest.raises(ConfigError, match="in the command-line overrides at key 'train.seed'"):
+        load_config(overrides=["train.seed=abc"])
     with pytest.raises(ConfigError, match="sequence_parallel=true needs parallel.tensor_model_parallel_size > 1"):
         load_config(overrides=["parallel.sequence_parallel=true"])

@@ -203,6 +203,8 @@ def test_calibrl_direction_pushes_pass_up_and_fail_down():
     torch.testing.assert_close(logp.grad[1], torch.full((3,), (0.5 + 0.5) / n))
     assert m["leaky_pos_frac"].item() == pytest.approx(0.5)
     assert m["leaky_neg_frac"].item() == pytest.approx(0.5)
+    # calibration weight |A|·T by direction, per on-policy token: 0.5·3/6 up (row 0), the same down (row 1)
+    assert (m["cal_mass_up"].item(), m["cal_mass_down"].item()) == (pytest.approx(0.25), pytest.approx(0.25))
 
 
 def test_calibrl_masked_variant_drops_positions_past_expert():

@@ -240,6 +240,15 @@ def test_pass_threshold_only_lets_correct_answers_pass() -> None:
     assert compute_reward(WRONG, "4").passed is False  # reward exactly 0.1 is not a pass
 
 
+def test_gate_on_format_stops_broken_format_passes() -> None:
+    """rewards.gate_on_format: r = acc·fmt + 0.1·fmt; acc and fmt stay ungated for the hacking metric."""
+    gated = compute_reward(UNFORMATTED_RIGHT, "4", gate_on_format=True)
+    assert gated == RewardResult(reward=0.0, acc=1.0, fmt=0.0, extracted="4")
+    assert gated.passed is False
+    assert compute_reward(GOOD, "4", gate_on_format=True) == compute_reward(GOOD, "4")
+    assert compute_reward(WRONG, "4", gate_on_format=True) == compute_reward(WRONG, "4")
+
+
 def test_accuracy_reward() -> None:
     assert accuracy_reward(GOOD, "4") == 1.0
     assert accuracy_reward(WRONG, "4") == 0.0

@@ -146,6 +146,30 @@ def test_n_samples_share_one_prefill(engine, monkeypatch):
     assert len(samples) == 8 and all(s.prompt_tokens == prompt_len for s in samples)
 
 
+def test_a_batch_is_admitted_as_one_unit(engine, monkeypatch):
+    """`submit_batch` (one HTTP call's prompts) queues its requests together, so the first decode step always
+    holds all their rows: the batch composition, and with it the logits' rounding, does not depend on how fast
+    the prompts were tokenized (which made reruns sample differently now and then)."""
+    decode_rows: list[int] = []
+    decode, build = engine._decode_logits, engine.prompts.build
+
+    def spy_decode(batch, *args, **kwargs):
+        logits = decode(batch, *args, **kwargs)
+        decode_rows.append(logits.shape[0])
+        return logits
+
+    def slow_build(request):  # a slow tokenizer: the scheduler would start on the first prompt alone
+        time.sleep(0.2)
+        return build(request)
+
+    monkeypatch.setattr(engine, "_decode_logits", spy_decode)
+    monkeypatch.setattr(engine.prompts, "build", slow_build)
+    sampling = SamplingParams(max_new_tokens=4, n=2, ignore_eos=True, seed=1)
+    futures = engine.submit_batch([GenerateRequest(text=p, sampling=sampling) for p in PROMPTS])
+    assert all(len(f.result()) == 2 for f in futures)
+    assert decode_rows[0] == 2 * len(PROMPTS), decode_rows
+
+
 def test_stop_strings_eos_and_length(engine):
     base = engine.generate([GenerateRequest(text=PROMPTS[1], sampling=greedy(30))])[0][0]
     # Pick a stop string from the middle of the greedy text, so greedy decoding must hit it.

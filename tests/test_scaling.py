@@ -143,6 +143,33 @@ def test_step_time_components_by_hand():
     assert tp2 == pytest.approx(expect / 2 + w.trained_rows * L * 4 * ar)
 
 
+def test_data_plane_cost_by_hand():
+    """tools/scaling/data_plane.py: wire bytes of a step, 1/DP per rank (+ straddling prompts), rank 0's
+    send volume independent of DP, host memory falling with DP, and the time inside the step."""
+    from tools.scaling.data_plane import DataPlaneAssumptions, data_plane_cost, step_bytes
+
+    a = DataPlaneAssumptions()
+    w = _workload(2048, avg_image_tokens=256.0)
+    group = 4 * 512 + a.image_ref_bytes + 9 * (a.row_overhead_bytes + 4 * 512) + 8 * 4 * 512  # 8 samples + expert
+    assert step_bytes(w) == (64 * group, group)
+    vl = MODELS["qwen2_5_vl_7b"]
+    one, four = (data_plane_cost(vl, w, P.Layout(dp=dp, tp=8 // dp), H100) for dp in (1, 4))
+    assert one["bytes_per_rank"] == 64 * group
+    assert four["bytes_per_rank"] == 64 * group / 4 + 2 * (4 * 512 + a.image_ref_bytes)
+    assert four["host_gib"] < one["host_gib"] / 3 and four["encode_s"] < one["encode_s"] / 3
+    # rank 0 packs every row once at any DP; only its sends grow, bounded by the step's bytes over the NIC
+    sends = 64 * group * 3 / 4 / (H100.ib_busbw_gbps * 1e9) + 6 * H100.collective_latency_us / 1e6
+    assert four["dispatch_s"] == pytest.approx(one["dispatch_s"] + sends)
+    patches = 64 * 256 * vl.vision.patches_per_token
+    assert one["encode_s"] == pytest.approx(patches * 196 / 1e6 / a.encode_mpix_per_s)
+    lay = P.Layout(dp=4, tp=2)
+    t = P.step_time(vl, w, lay, H100, P.Assumptions(), 64)
+    assert t["data_plane"] == pytest.approx(data_plane_cost(vl, w, lay, H100)["time_s"])
+    assert t["step"] == pytest.approx(sum(t[k] for k in ("generation", "data_plane", "logprobs", "train",
+                                                         "weight_sync")))
+    assert P.plan(vl, w, lay, H100).memory["host"] == pytest.approx(data_plane_cost(vl, w, lay, H100)["host_gib"])
+
+
 # ------------------------------------------------------------------------------------------- search
 
 
@@ -187,7 +214,7 @@ def test_planner_cli_prints_the_32b_table(capsys):
 
 
 def test_anchors_stay_within_a_factor():
-    """The planner against GPU.md's measurements and NeMo-RL's published runs (docs/scaling.md)."""
+    """The planner against docs/gpu.md's measurements and NeMo-RL's published runs (docs/scaling.md)."""
     results = anchor_results()
     assert len(results) >= 10
     for name, measured, predicted in results:

@@ -99,3 +99,18 @@ def test_expert_gating_weights():
         expert_gate_weight([0.0], "maybe", 0.5)
     with pytest.raises(ValueError, match="aggregation"):
         aggregate_expert_baselines([torch.zeros(2)], "median")
+
+
+def test_calibration_groups_with_pass_leaves_out_groups_where_nothing_passes():
+    """algo.calibration_groups=with_pass: a group whose rollouts all fail (rewards may still differ, e.g. 0.1 vs 0
+    by format) gets no calibration term; the expert row's own pass does not count."""
+    from calibrl_mcore.trainer.batch import Row
+    from calibrl_mcore.trainer.loop import groups_without_pass
+
+    def row(group: int, reward: float, expert: bool = False) -> Row:
+        return Row(uid=str(group), group_id=group, is_expert=expert, prompt_ids=[1], response_ids=[2], reward=reward)
+
+    rows = [row(1, 0.1), row(1, 0.0), row(1, 1.1, expert=True),  # all fail, format differs: left out
+            row(2, 1.1), row(2, 0.0), row(2, 1.1, expert=True),  # one passes: kept
+            row(3, 1.0), row(3, 1.0)]                            # a pass with a broken format is a pass
+    assert groups_without_pass(rows, pass_threshold=0.1) == {1}

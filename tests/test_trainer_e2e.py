@@ -1,7 +1,8 @@
 """End-to-end trainer tests: the real `calibrl train` CLI (plain python or torchrun + gloo) on a tiny
 SFT'd Qwen2.5-VL-architecture model, with its colocated rollout server as a child process.
 
-    1. one process, 2 steps: metrics.jsonl and a `latest` checkpoint
+    1. one process, 2 steps: metrics.jsonl and a `latest` checkpoint; the same command repeats bit for bit,
+       another train.seed changes the first step's prompts and rollouts
     2. DP=2 / TP=2 / PP=2 first-step loss == DP=1's (identical rollouts: the server's seed is per step);
        uneven pipeline stages (1+2 layers) train, and resume at another split (2+1) and at PP=1
     3. two "nodes" on localhost through tools/launch/multinode.sh (DP=2)
@@ -236,6 +237,22 @@ def test_single_process_two_steps(dp1_run):
     print(f"\n[dp1] losses {[r['train/loss'] for r in rows]} rewards {[r['reward/mean'] for r in rows]}")
 
 
+@pytest.mark.distributed
+def test_train_seed_repeats_bit_exactly_and_moves_everything(tiny, dp1_run):
+    """The same command (same train.seed, one thread) repeats every number but the timings bit for bit, the
+    rollout server's own log-probs included (it batches a step's prompts the same way every time); another
+    train.seed changes the prompts and the rollouts of the very first step."""
+    from calibrl_mcore.seed_study import trajectory
+
+    again = _train(tiny, "dp1_again", 1, "train.steps=2")
+    assert trajectory(again) == trajectory(dp1_run)
+    ref = _metrics(dp1_run)
+    other = _metrics(_train(tiny, "seed1", 1, "train.steps=1", "train.seed=1"))[0]
+    moved = [k for k in ("reward/mean", "rollout/response_len", "train/loss", "grad_norm") if other[k] != ref[0][k]]
+    print(f"\n[train.seed] repeat identical over {len(ref[0])} metrics; seed 1 moves {moved}")
+    assert len(moved) >= 3, (other, ref[0])
+
+
 # ------------------------------------------------------------------------------------------ 2. layouts
 
 
@@ -284,6 +301,26 @@ def test_first_step_loss_matches_dp1(tiny, dp1_run, layout, overrides, tol, grad
         print(f"[{layout}] padding fraction {got['train/padding_frac']:.3f} vs dp1 {ref['train/padding_frac']:.3f}")
         assert got["train/padding_frac"] < ref["train/padding_frac"]
         print(f"[{layout}] micro-batches {got['train/micro_batches']} vs dp1 {ref['train/micro_batches']}")
+
+
+@pytest.mark.distributed
+def test_dp4_receives_a_quarter_and_matches_dp1(tiny):
+    """DP=4 through the data plane: every replica receives and encodes only its rows (images by reference),
+    groups straddle replicas at the token-balanced cuts, and the first step equals one process's."""
+    # 6 prompts x 4 samples: 6 rows per replica, so the token-balanced cuts fall inside groups
+    flags = ("train.steps=1", "train.prompts_per_step=6")
+    ref = _metrics(_train(tiny, "dp1_6prompts", 1, *flags))[0]
+    got = _metrics(_train(tiny, "dp4", 4, *flags))[0]
+    assert got["reward/mean"] == ref["reward/mean"], "rollouts differ: the comparison is not like for like"
+    rel = {k: _rel(got[k], ref[k]) for k in ("train/loss", "train/cal_loss", "grad_norm")}
+    share = got["data/bytes_received"] / ref["data/bytes_received"]
+    print(f"\n[dp4] loss {got['train/loss']!r} vs dp1 {ref['train/loss']!r}; rel {rel}; split groups "
+          f"{got['data/split_groups']:.0f}; bytes per rank {got['data/bytes_received']:.0f} (max) vs dp1 "
+          f"{ref['data/bytes_received']:.0f} = {share:.3f}; encode {got['data/encode_s']:.3f} s (max)")
+    assert got["data/split_groups"] >= 1, "no group straddles two replicas: the test would not cover that"
+    assert rel["train/loss"] <= 1e-5 and rel["train/cal_loss"] <= 1e-5 and rel["grad_norm"] <= 1e-4, rel
+    assert share <= 0.45 and got["data/bytes_received_min"] > 0 and got["data/encode_s_min"] > 0
+    assert "data/dispatch_s" in got and "data/dispatch_s" in ref
 
 
 @pytest.mark.distributed

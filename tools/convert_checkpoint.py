@@ -58,7 +58,7 @@ from tools.convert.stage import (
     plan_groups,
     read_hf_config,
 )
-from tools.convert.verify import megatron_logits, verify, verify_inputs
+from tools.convert.verify import check_verify_inputs, megatron_logits, verify, verify_inputs
 
 __all__ = [  # the public names of this module before the split, for `from tools.convert_checkpoint import X`
     "COMPLETE",
@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.pp,
                 pipeline_split(args),
             )
+            if args.command == "verify":
+                check_verify_inputs(args.hf_dir)
             if tmp is not None and args.out_dir.exists() and not args.overwrite:
                 raise ConvertError(f"--out-dir {args.out_dir} exists: remove it or pass --overwrite")
             if args.tp * args.pp > 1:

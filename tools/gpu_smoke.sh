@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU smoke test for the lent machine (see ../shared/GPU.md): everything under $OUT as JSON.
+# GPU smoke test for a lent GPU machine (see docs/gpu.md): everything under $OUT as JSON.
 #
 #   Prepare here (CPU):  pip download the cp312 wheels listed in tools/gpu_wheels.txt into .whl/
 #   Run there, two calls (each under the 600 s per-call limit; carry: [".whl"]):

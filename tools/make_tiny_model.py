@@ -253,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     # Nothing here needs the network: never let a load fall through to the Hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a one-shard "Writing model shards" bar says nothing
     try:
         out = make_tiny_model(
             args.arch,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -18,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 PANELS: dict[str, list[str]] = {
-    "reward": ["reward/mean", "reward/pass_rate", "reward/format"],
+    "reward": ["reward/mean", "reward/pass_rate", "reward/format", "reward/pass_broken_format_frac"],
     "entropy": ["train/entropy"],
     "loss": ["train/pg_loss", "train/cal_loss", "train/loss"],
     "eval": ["eval/accuracy", "eval/format"],
@@ -67,13 +68,59 @@ def plot_runs(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     return written
 
 
+ARM_PANELS = ("train/entropy", "reward/pass_rate", "reward/pass_broken_format_frac", "reward/format")
+"""What `plot_arms` draws: the curves a seed study's verdict lines are about."""
+
+
+def plot_arms(arms: dict[str, list[Path]], out_dir: Path, keys: tuple[str, ...] = ARM_PANELS, smooth: int = 1) -> Path:
+    """One figure, a panel per metric: each arm's mean over its seeds' runs per step, shaded ± sd; with `smooth`
+    > 1 both are averaged over the last `smooth` steps (one step's rollouts are few samples: noisy)."""
+    import statistics
+
+    runs = {arm: [read_metrics(Path(d)) for d in dirs] for arm, dirs in arms.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for arm, seeds in runs.items():
+            by_step: dict[float, list[float]] = {}
+            for rows in seeds:
+                for r in rows:
+                    if key in r:
+                        by_step.setdefault(r["step"], []).append(r[key])
+            xs = sorted(by_step)
+            if not xs:
+                continue
+            mean = _trailing_mean([statistics.fmean(by_step[x]) for x in xs], smooth)
+            sd = _trailing_mean([statistics.stdev(by_step[x]) if len(by_step[x]) > 1 else 0.0 for x in xs], smooth)
+            line = ax.plot(xs, mean, label=f"{arm} (n={len(seeds)})")[0]
+            ax.fill_between(xs, [m - e for m, e in zip(mean, sd)], [m + e for m, e in zip(mean, sd)],
+                            color=line.get_color(), alpha=0.15)
+        ax.set_title(key + (f" ({smooth}-step mean)" if smooth > 1 else ""), fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "arms.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _trailing_mean(xs: list[float], window: int) -> list[float]:
+    return [sum(xs[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(xs))]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (each with metrics.jsonl)")
     parser.add_argument("--out", type=Path, default=Path("plots"), help="output folder for PNGs")
     args = parser.parse_args(argv)
-    for path in plot_runs(args.runs, args.out):
-        print(path)
+    try:
+        written = plot_runs(args.runs, args.out)
+    except (FileNotFoundError, ValueError) as exc:  # a run folder without (readable) metrics.jsonl
+        print(f"plot_metrics: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(written)} plots to {args.out}: {', '.join(p.name for p in written)}")
     return 0
 
 

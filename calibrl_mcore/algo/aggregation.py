@@ -97,13 +97,15 @@ def compute_loss_normalizer(
     )
 
 
-def aggregate(values: torch.Tensor, mask: torch.Tensor, norm: LossNormalizer) -> torch.Tensor:
-    """This rank's share of ``agg(values)``; ``mask`` is the float ``[B, T]`` validity mask.
+def aggregate(values: torch.Tensor, mask: torch.Tensor, norm: LossNormalizer, *,
+              premasked: bool = False) -> torch.Tensor:
+    """This rank's share of ``agg(values)``; ``mask`` is the float ``[B, T]`` validity mask (``premasked``:
+    ``values`` are already zero where it is 0).
 
     Sums accumulate in fp64: the terms have both signs, so an fp32 sum's rounding depends on the order,
     and a DP split (a different order) would then change the loss in the 6th digit.
     """
-    masked = values * mask  # [B, T]
+    masked = values if premasked else values * mask  # [B, T]
     if norm.agg == "seq-mean-token-mean":
         row_tokens = mask.sum(dim=-1) if norm.row_tokens is None else norm.row_tokens.to(mask)
         per_seq = masked.sum(dim=-1, dtype=torch.float64) / row_tokens.clamp(min=1)  # [B]
@@ -115,6 +117,25 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, norm: LossNormalizer) ->
     else:
         total = masked.sum(dtype=torch.float64) / (norm.num_seqs * norm.norm_length)
     return total.to(values.dtype)
+
+
+def aggregate_grad(grad: torch.Tensor, mask: torch.Tensor, norm: LossNormalizer) -> torch.Tensor:
+    """d aggregate(values) / d values as autograd forms it from the loss gradient `grad` (0-dim, the values'
+    dtype), before the mask: [B, 1] for seq-mean-token-mean, else [1, 1]. Same operations in the same
+    precision as autograd's chain (cast to fp64, the divisions, cast back), so the result is bit-identical;
+    a custom autograd function can then scale per row instead of materialising a [B, T] gradient."""
+    g = grad.detach().to(torch.float64)
+    if norm.agg == "seq-mean-token-mean":
+        row_tokens = mask.sum(dim=-1) if norm.row_tokens is None else norm.row_tokens.to(mask)
+        per_row = (g / norm.num_seqs).expand(mask.shape[0]) / row_tokens.clamp(min=1)  # [B]
+        return per_row.to(mask.dtype)[:, None]
+    if norm.agg == "token-mean":
+        scale = g / norm.num_tokens
+    elif norm.agg == "seq-mean-token-sum":
+        scale = g / norm.num_seqs
+    else:
+        scale = g / (norm.num_seqs * norm.norm_length)
+    return scale.to(mask.dtype).reshape(1, 1)
 
 
 def token_fraction(flags: torch.Tensor, mask: torch.Tensor, norm: LossNormalizer) -> torch.Tensor:

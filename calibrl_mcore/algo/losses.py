@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from calibrl_mcore.algo.aggregation import (
     LossNormalizer,
@@ -33,6 +32,7 @@ from calibrl_mcore.algo.aggregation import (
     reduce_metrics,
     token_fraction,
 )
+from calibrl_mcore.algo.calibration import CalibrationTerm
 
 Metrics = dict[str, torch.Tensor]
 
@@ -124,30 +124,6 @@ def _clipped_pg(
     )
 
 
-class _CalibrationTerm(torch.autograd.Function):
-    """cal = LeakyReLU_α((b − ℓ)·s·w), the gradient's per-token factor formed in the forward pass.
-
-    Returns (cal [B, T], full [B, T] bool: the full-slope side, −s(ℓ − b)·w ≥ 0). One saved bool tensor
-    and one multiply in backward instead of autograd's chain through sub / mul / leaky_relu.
-    """
-
-    @staticmethod
-    def forward(ctx, lp: torch.Tensor, baseline: torch.Tensor, sw: torch.Tensor, alpha: float):
-        y = (baseline - lp).mul_(sw)  # [B, T], (b − ℓ)·s·w
-        full = y >= 0
-        ctx.save_for_backward(full, sw)
-        ctx.alpha = alpha
-        ctx.mark_non_differentiable(full)
-        return F.leaky_relu_(y, alpha), full
-
-    @staticmethod
-    def backward(ctx, grad_cal: torch.Tensor, _grad_full):
-        full, sw = ctx.saved_tensors
-        # d cal / d ℓ = −s·w on the full-slope side, −α·s·w on the damped side.
-        coef = torch.where(full, -sw, -ctx.alpha * sw)  # [B, T]
-        return grad_cal * coef, None, None, None
-
-
 def _finish(
     terms: dict[str, tuple[float, torch.Tensor]],
     mask: torch.Tensor,
@@ -169,7 +145,7 @@ def _finish(
         terms["kl"] = (kl_coef, torch.exp(delta) - delta - 1.0)  # k3 ≥ 0, unbiased for KL(π‖π_ref)
     loss = logp.new_zeros((), dtype=torch.float32)
     for name, (coef, values) in terms.items():
-        value = aggregate(values, mask, norm)
+        value = values if values.dim() == 0 else aggregate(values, mask, norm)  # 0-dim: aggregated already
         metrics[f"{name}_loss" if name in ("pg", "cal", "off_policy") else name] = value.detach()
         if coef != 0.0:
             loss = loss + coef * value
@@ -293,18 +269,22 @@ def calibrl_loss(
     weight = adv.abs() if rarity is None else rarity.detach().float()  # [B], ≥ 0
     sign = passed.to(torch.float32) * 2.0 - 1.0  # [B], s ∈ {+1, −1}
     # |A|·LeakyReLU(x) == LeakyReLU(|A|·x) for |A| ≥ 0, so weight and sign fold into one [B, 1] factor.
-    cal, full = _CalibrationTerm.apply(lp, expert_logp.detach().float(), (sign * weight)[:, None], alpha)
     cal_mask = mask if expert_mask is None else mask * expert_mask.to(torch.float32)
-    if expert_mask is not None:
-        cal = cal * expert_mask.to(torch.float32)
+    cal, damped, row_tokens = CalibrationTerm.apply(
+        lp, expert_logp.detach().float(), (sign * weight)[:, None], cal_mask, mask, alpha, norm)
 
     metrics = _ratio_metrics(pg, mask, norm)
-    # Side of the LeakyReLU each pushed token is on (for w > 0, `full` is the sign of −s(ℓ − b)); tokens of
-    # zero-rarity rows get no push and count in neither fraction. Row sums first: [B, T] work stays minimal.
-    pushed = (weight > 0).to(torch.float32)  # [B]
-    full_rows = (full.to(torch.float32) * cal_mask).sum(dim=-1)  # [B]
-    metrics["leaky_pos_frac"] = (pushed * full_rows).sum() / norm.num_tokens
-    metrics["leaky_neg_frac"] = (pushed * (cal_mask.sum(dim=-1) - full_rows)).sum() / norm.num_tokens
+    # Side of the LeakyReLU each pushed token is on (for w > 0, the sign of −s(ℓ − b)); tokens of zero-rarity
+    # rows get no push and count in neither fraction.
+    pushed_tokens = ((weight > 0).to(torch.float64) * row_tokens.to(torch.float64)).sum()  # exact counts
+    metrics["leaky_pos_frac"] = ((pushed_tokens - damped) / norm.num_tokens).to(torch.float32)
+    metrics["leaky_neg_frac"] = (damped / norm.num_tokens).to(torch.float32)
+    # The calibration weight |A|·T per row, split by push direction (failing rows are pushed down): at low pass
+    # rates most of it pushes down, since groups that all fail but differ in format have |A| > 0.
+    mass = weight * row_tokens.to(torch.float32)  # [B]
+    up = passed.to(torch.float32)
+    metrics["cal_mass_up"] = (mass * up).sum() / norm.num_tokens
+    metrics["cal_mass_down"] = (mass * (1.0 - up)).sum() / norm.num_tokens
     return _finish(
         {"pg": (1.0, pg.loss), "cal": (lam, cal)}, mask, norm, metrics,
         entropy=entropy, entropy_coef=entropy_coef, ref_logp=ref_logp, logp=lp, kl_coef=kl_coef,

@@ -23,13 +23,21 @@ import torch
 from calibrl_mcore.data.dali import (
     ImageBackend,
     ImageSpec,
+    plan_resize,
     preprocess_images,
     resolve_image_backend,
     to_model_inputs,
 )
 from calibrl_mcore.data.images import ImageSource
 
-__all__ = ["ImagePlaceholders", "VisionPromptEncoder", "expand_image_placeholders", "image_token_counts"]
+__all__ = [
+    "ImagePlaceholders",
+    "PromptTokenizer",
+    "VisionPromptEncoder",
+    "expand_image_placeholders",
+    "image_token_counts",
+    "planned_image_inputs",
+]
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,52 @@ def expand_image_placeholders(text: str, counts: Sequence[int], placeholders: Im
     return "".join(out)
 
 
+def planned_image_inputs(sizes: Sequence[tuple[int, int]], spec: ImageSpec) -> dict[str, torch.Tensor]:
+    """What `to_model_inputs` will report for images of these (height, width) sizes, from the sizes alone
+    (`plan_resize`, the function both backends resize by): Qwen `image_grid_thw` [n_images, 3] (a still image
+    is one temporal patch), InternVL `num_patches` [n_images] (tiles + thumbnail)."""
+    plans = [plan_resize(h, w, spec) for h, w in sizes]
+    if spec.mode == "tiles":
+        tiles = [p.rows * p.cols + (p.thumbnail is not None) for p in plans]
+        return {"num_patches": torch.tensor(tiles, dtype=torch.int64)}
+    grids = [[1, p.height // spec.patch_size, p.width // spec.patch_size] for p in plans]
+    return {"image_grid_thw": torch.tensor(grids, dtype=torch.int64).reshape(-1, 3)}
+
+
+class PromptTokenizer:
+    """The processor's prompt token ids from the chat text and the images' sizes, without touching pixels:
+    what the data-plane driver needs to plan and ship a step (the replicas encode the pixels). The image
+    spec is read on the first prompt with images, so text-only processors work too."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self._spec: tuple[ImageSpec, ImagePlaceholders] | None = None
+
+    @property
+    def spec(self) -> tuple[ImageSpec, ImagePlaceholders]:
+        if self._spec is None:
+            spec = ImageSpec.from_processor(self.processor)
+            self._spec = spec, ImagePlaceholders.from_processor(self.processor, spec)
+        return self._spec
+
+    def tokenize(self, text: str, inputs: dict[str, torch.Tensor]) -> list[int]:
+        """Token ids of `text` with its image placeholders expanded for `inputs` (`to_model_inputs` or
+        `planned_image_inputs` of its images; {} for none), as the processor tokenises."""
+        if inputs:
+            spec, placeholders = self.spec
+            text = expand_image_placeholders(text, image_token_counts(inputs, spec, placeholders), placeholders)
+        elif (token := getattr(self.processor, "image_token", None)) and token in text:
+            raise ValueError(f"{token!r} placeholders in the prompt but no images")
+        # The processor tokenises the expanded text with the tokenizer's defaults (special tokens added).
+        return self.tokenizer(text)["input_ids"]
+
+    def __call__(self, text: str, sizes: Sequence[tuple[int, int]]) -> tuple[list[int], dict[str, torch.Tensor]]:
+        """(prompt ids, planned image inputs) for images of (height, width) `sizes`."""
+        inputs = planned_image_inputs(sizes, self.spec[0]) if sizes else {}
+        return self.tokenize(text, inputs), inputs
+
+
 class VisionPromptEncoder:
     """`processor(text=[text], images=images)` for one prompt, with `preprocess_images` doing the pixels.
 
@@ -97,9 +151,8 @@ class VisionPromptEncoder:
     def __init__(
         self, processor: Any, backend: ImageBackend = "auto", device: torch.device | int | None = None
     ) -> None:
-        self.spec = ImageSpec.from_processor(processor)
-        self.placeholders = ImagePlaceholders.from_processor(processor, self.spec)
-        self.tokenizer = processor.tokenizer
+        self.prompts = PromptTokenizer(processor)
+        self.spec, self.placeholders = self.prompts.spec
         self.backend: Literal["dali", "pil"] = resolve_image_backend(backend)
         self.device = device
 
@@ -108,10 +161,5 @@ class VisionPromptEncoder:
         if images:
             views = preprocess_images(images, self.spec, self.backend, self.device)  # [n_views, 3, H, W] each
             inputs = to_model_inputs(views, self.spec)
-            text = expand_image_placeholders(text, image_token_counts(inputs, self.spec, self.placeholders),
-                                             self.placeholders)
-        elif self.placeholders.image_token in text:
-            raise ValueError(f"{self.placeholders.image_token!r} placeholders in the prompt but no images")
-        # The processor tokenises the expanded text with the tokenizer's defaults (special tokens added).
-        inputs["input_ids"] = self.tokenizer(text)["input_ids"]
+        inputs["input_ids"] = self.prompts.tokenize(text, inputs)
         return inputs

@@ -18,7 +18,6 @@ All benchmarks are loaded (and their image paths checked) before any generation 
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -33,10 +32,10 @@ from calibrl_mcore.data.template import build_messages
 from calibrl_mcore.evals.items import EvalItem
 from calibrl_mcore.evals.loaders import BENCHMARKS, canonical_name, load_benchmark
 from calibrl_mcore.evals.scoring import score_response
+from calibrl_mcore.terminal import ProgressLine
 
 __all__ = ["BenchmarkReport", "benchmark_paths", "render_summary_markdown", "run_suite"]
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,6 +95,7 @@ def _evaluate_benchmark(name: str, items: list[EvalItem], client: Any, processor
     params = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "n": 1}
     totals: dict[str, Any] = {"correct": 0, "strict": 0, "fmt": 0.0, "extracted": 0, "truncated": 0,
                               "sources": Counter()}
+    line = ProgressLine(f"eval {name}", len(items), (("accuracy", "accuracy"), ("format", "format")), unit="item")
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]  # bounds the decoded images held at once
         samples = client.generate([_prompt(item, processor, pipeline) for item in chunk], params,
@@ -118,8 +118,9 @@ def _evaluate_benchmark(name: str, items: list[EvalItem], client: Any, processor
             }
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
         out.flush()
-        log.info("%s: %d/%d items, accuracy so far %.3f", name, min(start + batch_size, len(items)), len(items),
-                 totals["correct"] / min(start + batch_size, len(items)))
+        done = min(start + batch_size, len(items))
+        line.update(done, {"accuracy": totals["correct"] / done, "format": totals["fmt"] / done})
+    line.close()
     return totals
 
 
@@ -242,7 +243,6 @@ def run_suite(
                     sources=dict(totals["sources"]), truncated_rate=totals["truncated"] / n,
                     seconds=round(time.perf_counter() - t0, 3), predictions=str(pred_path),
                 )
-                log.info("%s: accuracy %.3f over %d items", name, reports[name].accuracy, n)
     finally:
         if server is not None:
             server.stop()

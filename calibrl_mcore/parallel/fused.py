@@ -28,6 +28,8 @@ from typing import Literal
 
 import torch
 
+from calibrl_mcore.terminal import hidden_note
+
 __all__ = [
     "ApexStatus",
     "FusedBackends",
@@ -121,12 +123,24 @@ class FusedBackends:
     norm_reason: str
     apex: ApexStatus
     problems: tuple[str, ...] = ()
+    spec: str = ""
+    attention: str = ""
 
     def summary(self) -> str:
-        """One line for the log."""
-        line = f"fused backends: adam={self.adam} ({self.adam_reason}); multi_tensor={self.multi_tensor}; "
-        line += f"norm={self.norm} ({self.norm_reason}); apex={self.apex.kind}"
-        return line + "".join(f"; PROBLEM: {p}" for p in self.problems)
+        """The trainer's start-up line: what runs and why. It stands for the fallback warnings the libraries
+        print about the same facts, which `calibrl_mcore.terminal` holds back (and counts) by default."""
+        line = f"kernels: spec={self.spec}, attention={self.attention}; "
+        line += f"adam={self.adam} ({self.adam_reason}); multi_tensor={self.multi_tensor}; "
+        line += f"norm={self.norm} ({self.norm_reason})" + (f"; apex={self.apex.kind}" if self.apex.kind != "absent" else "")
+        return line + "".join(f"; PROBLEM: {p}" for p in self.problems) + hidden_note()
+
+
+# The core attention each spec builds (model_providers/specs.py: core_attention_module).
+ATTENTION: dict[str, str] = {
+    "local": "Megatron DotProductAttention (unfused S x S scores)",
+    "sdpa": "torch SDPA (flash / memory-efficient kernels on CUDA)",
+    "te": "TE DotProductAttention (flash / cuDNN fused)",
+}
 
 
 def _torch_adamw(cuda: bool) -> str:
@@ -210,7 +224,8 @@ def fused_backends(spec_backend: SpecBackend | None = None, cuda: bool | None = 
             "Megatron picks apex.optimizers.FusedAdam, which raises without amp_C when it is built"
         )
     norm, norm_reason = _norm(spec_backend, cuda)
-    return FusedBackends(adam, adam_reason, _multi_tensor(apex), norm, norm_reason, apex, tuple(problems))
+    return FusedBackends(adam, adam_reason, _multi_tensor(apex), norm, norm_reason, apex, tuple(problems),
+                         spec=spec_backend, attention=ATTENTION[spec_backend])
 
 
 def log_fused_backends(spec_backend: SpecBackend | None = None, cuda: bool | None = None) -> FusedBackends:

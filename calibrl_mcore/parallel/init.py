@@ -44,13 +44,14 @@ class ParallelConfig:
     """Timeout of collective operations, in minutes."""
 
     @classmethod
-    def from_section(cls, section) -> ParallelConfig:
-        """The layout of a run config's `parallel` section (`calibrl_mcore.config.ParallelSection`)."""
+    def from_section(cls, section, seed: int) -> ParallelConfig:
+        """The layout of a run config's `parallel` section (`calibrl_mcore.config.ParallelSection`), seeded with
+        the run's `train.seed`."""
         return cls(
             tensor_model_parallel_size=section.tensor_model_parallel_size,
             pipeline_model_parallel_size=section.pipeline_model_parallel_size,
             context_parallel_size=section.context_parallel_size,
-            seed=section.seed,
+            seed=seed,
         )
 
     def __post_init__(self) -> None:

@@ -72,15 +72,20 @@ def _score_parts(response: str, gold: str, timeout_s: float) -> tuple[float, flo
 
 
 def compute_reward(
-    response: str, gold: str, *, format_weight: float = FORMAT_WEIGHT, timeout_s: float = 2.0
+    response: str, gold: str, *, format_weight: float = FORMAT_WEIGHT, gate_on_format: bool = False,
+    timeout_s: float = 2.0,
 ) -> RewardResult:
     """The CalibRL training reward r = acc + format_weight·fmt.
 
     The format term is a small bonus rather than a gate so that early in training, when few answers are
-    right, the policy still gets a gradient towards the output protocol the accuracy check relies on.
+    right, the policy still gets a gradient towards the output protocol the accuracy check relies on. The
+    price: a right answer in a broken format passes (r = 1 > 0.1), and a policy can drift into that.
+    `gate_on_format` (config `rewards.gate_on_format`) closes it: r = acc·fmt + format_weight·fmt. `acc`
+    and `fmt` are reported ungated either way, so the metrics can still count broken-format passes.
     """
     acc, fmt, extracted = _score_parts(response, gold, timeout_s)
-    return RewardResult(reward=acc + format_weight * fmt, acc=acc, fmt=fmt, extracted=extracted)
+    credited = acc * fmt if gate_on_format else acc
+    return RewardResult(reward=credited + format_weight * fmt, acc=acc, fmt=fmt, extracted=extracted)
 
 
 def acc_x_fmt_reward(response: str, gold: str, *, timeout_s: float = 2.0) -> RewardResult:

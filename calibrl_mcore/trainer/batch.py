@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from calibrl_mcore.data.images import ImageRef
 from calibrl_mcore.trainer.policy import MicroBatch
 from model_providers.context_parallel import cp_pad_multiple
 from model_providers.packing import packed_length
@@ -28,8 +29,10 @@ class Row:
     is_expert: bool
     prompt_ids: list[int]
     response_ids: list[int]
-    pixel_values: torch.Tensor | None = None  # [n_patches, C·T·P·P]
+    pixel_values: torch.Tensor | None = None  # [n_patches, C·T·P·P]; set on a replica's first stage only
     image_grid_thw: torch.Tensor | None = None  # [n_images, 3]
+    images: tuple[ImageRef, ...] = ()  # the prompt's images by reference: each DP replica encodes its own
+    prompt_text: str = ""  # the chat-templated prompt the images are encoded with (placeholders unexpanded)
     rollout_logprobs: list[float] | None = None  # from the rollout server (on-policy rows)
     reward: float = 0.0
     acc: float = 0.0

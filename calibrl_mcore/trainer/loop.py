@@ -1,14 +1,15 @@
 """The CalibRL training step, top to bottom (`calibrl train`).
 
-    rows    = rollout(prompts)                   # rank 0: G samples/prompt + rewards + expert rows
-    local   = this DP rank's rows                # groups may straddle ranks
+    rows    = rollout(prompts)                   # rank 0: G samples/prompt + rewards + expert rows, then each
+                                                 # DP replica receives and encodes only its rows (data plane)
     stats   = group advantages, DP-reduced       # identical to one process
     old, b  = old-policy log-probs of the rows and of the groups' experts (forward-only schedule)
     for each mini-batch:                         # one PPO epoch
         fwd/bwd through Megatron's schedule with the selected loss; optimizer step
     sync weights to the rollout server; log metrics; checkpoint
 
-Every rank runs this code; only rank 0 talks to the rollout server and writes logs.
+Every rank runs this code; only rank 0 talks to the rollout server and writes logs. `rows` below are always
+this rank's (its replica's trained rows + its groups' expert rows, `data_plane.LocalRows`), indexed locally.
 """
 
 from __future__ import annotations
@@ -28,16 +29,19 @@ from calibrl_mcore.algo.advantages import compute_group_advantages
 from calibrl_mcore.algo.aggregation import compute_loss_normalizer
 from calibrl_mcore.algo.experts import aggregate_expert_baselines, expert_gate_weight
 from calibrl_mcore.algo.schedules import CoefficientSchedule
-from calibrl_mcore.config import Config, to_yaml
+from calibrl_mcore.config import Config, as_container, to_yaml
 from calibrl_mcore.data.dataset import PromptDataset, PromptSampler
 from calibrl_mcore.parallel import ParallelConfig, destroy_distributed, init_distributed
 from calibrl_mcore.trainer.batch import Row, collate, micro_batch_chunks, padding_fraction
 from calibrl_mcore.trainer.checkpoint import CheckpointManager
+from calibrl_mcore.trainer.data_plane import DataPlane, LocalRows
 from calibrl_mcore.trainer.dynamic_sampling import refill_informative_groups
 from calibrl_mcore.trainer.metrics import MetricsLogger, from_last_stage, mean_of, reduce_shares
 from calibrl_mcore.trainer.objective import logprob_fn, rl_loss_fn
 from calibrl_mcore.trainer.policy import MegatronPolicy, MicroBatch
-from calibrl_mcore.trainer.rollout_stage import RolloutFailure, RolloutStage
+from calibrl_mcore.trainer.rollout_stage import PromptEncoder, RolloutFailure, RolloutStage
+from calibrl_mcore.trainer.row_plan import assign_rows
+from calibrl_mcore.trainer.wandb_sink import WandbSink
 from calibrl_mcore.trainer.weight_sync import WeightSync, sync_method
 from model_providers.pipeline_split import PipelineSplit
 from model_providers.registry import position_ids
@@ -51,7 +55,7 @@ TRAINS_EXPERT_ROWS = {"luffy", "rlplus"}  # families whose loss has an off-polic
 class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.info = init_distributed(ParallelConfig.from_section(cfg.parallel))
+        self.info = init_distributed(ParallelConfig.from_section(cfg.parallel, cfg.train.seed))
         self.is_rank0 = self.info.rank == 0
         self.run_dir = Path(cfg.train.run_dir)
         total_updates = cfg.train.steps * cfg.train.mini_batches_per_step
@@ -60,10 +64,10 @@ class Trainer:
                                      pipeline_split=PipelineSplit.from_section(cfg.parallel))
         self.position_ids = lambda ids, grid, attn: position_ids(self.policy.hf_config, ids, grid, attn)
         self.dataset = PromptDataset.from_path(cfg.data.train_path, max_images=cfg.data.max_images,
-                                               seed=cfg.data.seed)
+                                               seed=cfg.train.seed)
         # (PromptDataset logs the skipped corrupt rows itself; the count also goes into the metrics.)
-        self.sampler = PromptSampler(len(self.dataset), seed=cfg.data.seed)
-        self.eval_set = PromptDataset.from_path(cfg.data.eval_path, seed=cfg.data.seed) if cfg.data.eval_path else None
+        self.sampler = PromptSampler(len(self.dataset), seed=cfg.train.seed)
+        self.eval_set = PromptDataset.from_path(cfg.data.eval_path, seed=cfg.train.seed) if cfg.data.eval_path else None
         self.step = 0
         self.weight_version = 0
         self.coefficients = CoefficientSchedule(cfg.algo, cfg.train.steps)
@@ -77,20 +81,31 @@ class Trainer:
                 self.server = start_rollout_server(cfg.rollout, cfg.model.hf_path, self.run_dir, method=method,
                                                    trainer_gpus=trainer_gpus)
                 urls = [[self.server.url]]
+            # One request per server per call: a server admits a request's prompts together, so a step's rows
+            # batch the same way in every rerun (concurrent chunks would batch by arrival order).
+            per_server = -(-max(cfg.train.prompts_per_step, cfg.train.eval_prompts) // len(urls[0]))
             client = RolloutClient(urls[0], api_key=cfg.rollout.api_key or None, timeout=cfg.rollout.timeout_s,
-                                   max_retries=cfg.rollout.max_retries)
-            self.stage = RolloutStage(cfg.rollout, cfg.algo, cfg.model.hf_path, client, cfg.data.image_backend)
+                                   max_retries=cfg.rollout.max_retries, batch_size=max(8, per_server))
+            self.stage = RolloutStage(cfg.rollout, cfg.algo, cfg.model.hf_path, client, cfg.data.image_backend,
+                                      rewards=cfg.rewards, train_seed=cfg.train.seed)
         dist.broadcast_object_list(urls, src=0)
         pad = [self.stage.pad_id if self.stage else 0]
         dist.broadcast_object_list(pad, src=0)
         self.pad_id = pad[0]
+        # Each replica's first pipeline stage encodes its own rows' images (rank 0 reuses the stage's encoder).
+        encoder = None
+        if parallel_state.is_pipeline_first_stage():
+            encoder = self.stage.encoder if self.stage else PromptEncoder(cfg.model.hf_path, cfg.data.image_backend)
+        self.data_plane = DataPlane(encoder, self.policy.device)
         self.sync = WeightSync(self.policy, urls[0], api_key=cfg.rollout.api_key,
                                bucket_mb=cfg.rollout.weight_sync_bucket_mb, timeout_s=cfg.rollout.timeout_s,
                                method=sync_method(cfg.rollout.weight_sync_method, cfg.rollout.engine),
                                src_dir=cfg.model.hf_path, stage_dir=self.run_dir / "weight_sync")
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
+        wandb = WandbSink.from_config(cfg.train, self.run_dir, as_container(cfg), "train") if self.is_rank0 else None
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_rank0, tensorboard=cfg.train.tensorboard,
-                                    progress_total=cfg.train.steps if cfg.train.progress else None)
+                                    progress_total=cfg.train.steps if cfg.train.progress else None,
+                                    label=f"train {cfg.algo.name}", wandb=wandb)
         if self.is_rank0:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
 
@@ -134,24 +149,22 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         t0 = time.perf_counter()
-        rows, metrics = self.rollout()
-        local = self.local_rows(rows)
-        dp = parallel_state.get_data_parallel_world_size()
-        if not all(self.local_rows(rows, r) for r in range(dp)):  # e.g. every group all-equal (DAPO)
+        batch, metrics = self.rollout()
+        if not batch.complete:  # e.g. every group all-equal (DAPO): the plan is the same on every rank
             log.warning("step %d: no trainable rows on some data-parallel rank; skipping the update", self.step)
             metrics["train/skipped_step"] = 1.0
             return metrics
+        rows, local = batch.rows, batch.trained
         stats = self.advantages(rows, local)
         old, baselines = self.old_logprobs(rows, local)
         algo = self.step_coefficients(metrics)
         metrics.update({"algo/alpha": algo.alpha, "algo/lam": algo.lam})
         t_train = time.perf_counter()
-        # A mini-batch runs only if every DP rank holds rows of it (DDP's all-reduce is collective);
-        # every rank sees all rows, so all ranks take the same decision.
-        runnable = [all(mb) for mb in zip(*(self.mini_batches(rows, self.local_rows(rows, r)) for r in range(dp)))]
+        # A mini-batch runs only if every DP rank holds rows of it (DDP's all-reduce is collective); the
+        # driver's plan says which, so all ranks take the same decision.
         per_mini_batch = [self.update(rows, mb_rows, stats, old, baselines, algo)
-                          for mb_rows, ok in zip(self.mini_batches(rows, local), runnable) if ok]
-        metrics["train/skipped_mini_batches"] = float(len(runnable) - sum(runnable))
+                          for mb_rows, ok in zip(batch.mini_batches(), batch.runnable) if ok]
+        metrics["train/skipped_mini_batches"] = float(len(batch.runnable) - sum(batch.runnable))
         last_stage = mean_of(per_mini_batch)
         last_stage.update(self.rollout_train_mismatch(rows, local, old))
         metrics.update(from_last_stage(last_stage))
@@ -166,19 +179,24 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- stages
 
-    def rollout(self) -> tuple[list[Row], dict[str, float]]:
-        """Rank 0 samples the step's prompts and rolls them out; every rank receives the same rows.
+    def rollout(self) -> tuple[LocalRows, dict[str, float]]:
+        """Rank 0 samples the step's prompts and rolls them out, assigns the rows to DP ranks (`assign_rows`),
+        and the data plane hands every rank its replica's rows only (`DataPlane.exchange`).
 
         If the servers fail (after the client's retries), rank 0 restarts its colocated server, all ranks
         re-push the current weights, and the step's rollout is retried once.
         """
         for attempt in range(2):
             payload: list = [None]
+            rows, plan = None, None
             if self.is_rank0:
                 cursor = self.sampler.state_dict()
                 try:
                     rows, metrics = self._collect_step_rows()
-                    payload = [("ok", rows, metrics, self.sampler.state_dict())]
+                    plan = assign_rows(rows, parallel_state.get_data_parallel_world_size(),
+                                       self.cfg.train.mini_batches_per_step,
+                                       trains_expert=self.cfg.algo.name in TRAINS_EXPERT_ROWS)
+                    payload = [("ok", metrics, self.sampler.state_dict())]
                 except RolloutFailure as exc:
                     if attempt == 1 or self.server is None:
                         raise
@@ -186,12 +204,14 @@ class Trainer:
                     self.sampler.load_state_dict(cursor)
                     self.server.ensure_running(check_health=True)
                     payload = [("restarted",)]
-            dist.broadcast_object_list(payload, src=0)
+            dist.broadcast_object_list(payload, src=0)  # small: status, metrics, data cursor
             if payload[0][0] == "ok":
-                _, rows, metrics, sampler_state = payload[0]
+                _, metrics, sampler_state = payload[0]
                 self.sampler.load_state_dict(sampler_state)  # every rank's cursor identical (checkpoints)
+                batch, data_metrics = self.data_plane.exchange(rows, plan)
+                metrics.update(data_metrics)
                 metrics["rollout/server_restarts"] = float(self.server.restarts if self.server else 0)
-                return rows, metrics
+                return batch, metrics
             self.sync.push(self.weight_version)  # the restarted server came up with the initial weights
         raise AssertionError("unreachable")
 
@@ -222,29 +242,17 @@ class Trainer:
         metrics["rollout/informative_groups"] = float(refill.groups)
         return refill.rows, metrics
 
-    def local_rows(self, rows: Sequence[Row], dp_rank: int | None = None) -> list[int]:
-        """A DP rank's share of the trained rows: round-robin over the step's rows (groups straddle).
-
-        With dynamic sampling (DAPO) `rollout` has already dropped the groups whose on-policy rewards all agree.
-        """
-        dp = parallel_state.get_data_parallel_world_size()
-        rank = parallel_state.get_data_parallel_rank() if dp_rank is None else dp_rank
-        algo = self.cfg.algo
-        trained = [i for i, r in enumerate(rows) if not r.is_expert or algo.name in TRAINS_EXPERT_ROWS]
-        return trained[rank::dp]
-
     def advantages(self, rows: Sequence[Row], local: list[int]) -> dict[int, tuple[float, bool]]:
-        """Group statistics over DP; returns {row index: (advantage, passed)} for the local rows.
+        """Group statistics over DP; returns {row index: (advantage, passed)} for the trained rows `local`.
 
-        Without the expert in the statistics, every rank also passes all expert rows: they carry the
-        group ids (harmless, they are excluded from the sums) and keep a rank's input non-empty.
+        Without the expert in the statistics, the rank also passes its groups' expert rows (all it holds
+        besides `local`): they are excluded from the sums and get their group's values. With it (LUFFY,
+        RL-PLUS), only trained rows enter, so an expert row counts once, on the rank that trains it.
         """
         include_expert = self.cfg.algo.name in TRAINS_EXPERT_ROWS
         idx = list(local)
         if not include_expert:
-            dp = parallel_state.get_data_parallel_world_size()
-            trained_groups = {rows[i].group_id for r in range(dp) for i in self.local_rows(rows, r)}
-            idx += [i for i, r in enumerate(rows) if r.is_expert and r.group_id in trained_groups]
+            idx += [i for i, r in enumerate(rows) if r.is_expert]
         sel = [rows[i] for i in idx]
         stats = compute_group_advantages(
             torch.tensor([r.reward for r in sel]),
@@ -304,14 +312,6 @@ class Trainer:
                 result[i] = out["logp"][k, p - 1 : p - 1 + len(rows[i].response_ids)].cpu()
         return result  # only on the last pipeline stage
 
-    def mini_batches(self, rows: Sequence[Row], local: list[int]) -> list[list[int]]:
-        """Split the local rows into the step's mini-batches by prompt group (one PPO epoch)."""
-        k = self.cfg.train.mini_batches_per_step
-        groups = sorted({r.group_id for r in rows})
-        per = -(-len(groups) // k)
-        which = {g: j // per for j, g in enumerate(groups)}
-        return [[i for i in local if which[rows[i].group_id] == m] for m in range(k)]
-
     def update(self, rows, indices, stats, old, baselines, algo) -> dict[str, float]:
         """One optimizer step on a mini-batch: fwd/bwd of all its micro-batches, then Adam.
 
@@ -329,6 +329,8 @@ class Trainer:
                     out[:m] = (ok[:m].float() if valid else b[:m])
                 return out.tolist()
 
+            no_cal = (groups_without_pass(rows, algo.pass_threshold)  # no calibration term for these groups
+                      if algo.name == "calibrl" and algo.calibration_groups == "with_pass" else set())
             token_extras = {
                 "old_logp": lambda i: old[i].tolist(),
                 "expert_logp": lambda i: baseline(i, valid=False),
@@ -338,7 +340,8 @@ class Trainer:
                 "advantages": lambda i: stats[i][0],
                 "passed": lambda i: stats[i][1],
                 "is_expert": lambda i: bool(rows[i].is_expert),
-                "gate": lambda i: (baselines[rows[i].group_id][2] if rows[i].group_id in baselines else 1.0),
+                "gate": lambda i: (0.0 if rows[i].group_id in no_cal else
+                                   baselines[rows[i].group_id][2] if rows[i].group_id in baselines else 1.0),
             }
         mbs = [collate(rows, c, self.position_ids, token_extras, row_extras, pad_id=self.pad_id,
                        pad_multiple=self.policy.pad_multiple)
@@ -373,9 +376,14 @@ class Trainer:
         by_group: dict[int, list[float]] = {}
         for r in on:
             by_group.setdefault(r.group_id, []).append(r.reward)
+        passing = [r for r in on if r.reward > self.cfg.algo.pass_threshold]
         return {
             "reward/mean": sum(r.reward for r in on) / max(len(on), 1),
-            "reward/pass_rate": sum(r.reward > self.cfg.algo.pass_threshold for r in on) / max(len(on), 1),
+            "reward/pass_rate": len(passing) / max(len(on), 1),
+            # Reward hacking under r = acc + 0.1·fmt: the share of passes bought with a broken format
+            # (undefined, so not logged, in a step where nothing passes).
+            "reward/pass_broken_format_frac": (sum(r.fmt < 1.0 for r in passing) / len(passing) if passing
+                                               else float("nan")),
             "reward/acc": sum(r.acc for r in on) / max(len(on), 1),
             "reward/format": sum(r.fmt for r in on) / max(len(on), 1),
             "reward/group_all_equal_frac": sum(len(set(v)) == 1 for v in by_group.values()) / max(len(by_group), 1),
@@ -394,7 +402,7 @@ class Trainer:
         out: list = [None]
         if self.is_rank0 and self.eval_set is not None:
             n = min(self.cfg.train.eval_prompts, len(self.eval_set))
-            out = [self.stage.evaluate([self.eval_set[i] for i in range(n)])]
+            out = [self.stage.evaluate([self.eval_set[i] for i in range(n)], samples=self.cfg.train.eval_samples)]
         dist.broadcast_object_list(out, src=0)
         return out[0] or {}
 
@@ -410,22 +418,32 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.coefficients.load_state_dict(state.get("coefficients", {}))
 
-    def close(self) -> None:
+    def close(self, summary: bool = True) -> None:
+        """Stop the server and the sinks; `summary`: print the summary block (after a completed run)."""
         self.sync.close()
         if self.stage is not None:
             self.stage.client.close()
         if self.server is not None:
             self.server.stop()
-        self.logger.close()
+        latest = self.ckpt.latest() if summary else None
+        self.logger.close({"checkpoint": latest} if latest else {}, summary=summary)
         destroy_distributed()
+
+
+def groups_without_pass(rows: Sequence[Row], pass_threshold: float) -> set[int]:
+    """Ids of the groups none of whose on-policy rollouts passes (the expert row does not count)."""
+    return {r.group_id for r in rows} - {r.group_id for r in rows if not r.is_expert and r.reward > pass_threshold}
 
 
 def train(cfg: Config) -> dict[str, float]:
     trainer = Trainer(cfg)
+    done = False
     try:
-        return trainer.train()
+        metrics = trainer.train()
+        done = True
+        return metrics
     finally:
-        trainer.close()
+        trainer.close(summary=done)
 
 
-__all__ = ["Trainer", "train", "MicroBatch"]
+__all__ = ["Trainer", "train", "groups_without_pass", "MicroBatch"]

@@ -15,15 +15,17 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from calibrl_mcore.algo.aggregation import compute_loss_normalizer
-from calibrl_mcore.config import Config
+from calibrl_mcore.config import Config, as_container
 from calibrl_mcore.data.dataset import PromptDataset, PromptSampler
 from calibrl_mcore.parallel import ParallelConfig, destroy_distributed, init_distributed
+from calibrl_mcore.terminal import SFT_FIELDS
 from calibrl_mcore.trainer.batch import Row, collate, micro_batch_chunks
 from calibrl_mcore.trainer.export import export_hf
 from calibrl_mcore.trainer.metrics import MetricsLogger, from_last_stage, reduce_shares
 from calibrl_mcore.trainer.objective import sft_loss_fn
 from calibrl_mcore.trainer.policy import MegatronPolicy
 from calibrl_mcore.trainer.rollout_stage import PromptEncoder
+from calibrl_mcore.trainer.wandb_sink import WandbSink
 from model_providers.pipeline_split import PipelineSplit
 from model_providers.registry import position_ids
 
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 def sft(cfg: Config) -> Path:
-    info = init_distributed(ParallelConfig.from_section(cfg.parallel))
+    info = init_distributed(ParallelConfig.from_section(cfg.parallel, cfg.train.seed))
     try:
         return _sft(cfg, info.rank == 0)
     finally:
@@ -46,11 +48,13 @@ def _sft(cfg: Config, is_rank0: bool) -> Path:
                             sequence_parallel=cfg.parallel.sequence_parallel,
                             pipeline_split=PipelineSplit.from_section(cfg.parallel))
     pos = lambda ids, grid, attn: position_ids(policy.hf_config, ids, grid, attn)  # noqa: E731
-    dataset = PromptDataset.from_path(cfg.data.train_path, max_images=cfg.data.max_images, seed=cfg.data.seed)
-    sampler = PromptSampler(len(dataset), seed=cfg.data.seed)
+    dataset = PromptDataset.from_path(cfg.data.train_path, max_images=cfg.data.max_images, seed=cfg.train.seed)
+    sampler = PromptSampler(len(dataset), seed=cfg.train.seed)
     encoder = PromptEncoder(cfg.model.hf_path, cfg.data.image_backend) if is_rank0 else None
+    wandb = WandbSink.from_config(cfg.train, run_dir / "sft", as_container(cfg), "sft") if is_rank0 else None
     logger = MetricsLogger(run_dir / "sft", enabled=is_rank0, tensorboard=cfg.train.tensorboard,
-                           progress_total=cfg.sft.steps if cfg.train.progress else None)
+                           progress_total=cfg.sft.steps if cfg.train.progress else None,
+                           label="sft", fields=SFT_FIELDS, wandb=wandb)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     last = parallel_state.is_pipeline_last_stage()
     for step in range(cfg.sft.steps):
@@ -85,6 +89,7 @@ def _sft(cfg: Config, is_rank0: bool) -> Path:
         metrics = from_last_stage(metrics)
         metrics.update(policy.optimizer_step())
         logger.log(step + 1, metrics)
-    logger.close()
-    random.seed(cfg.parallel.seed)
-    return export_hf(policy, cfg.model.hf_path, out_dir)
+    random.seed(cfg.train.seed)
+    exported = export_hf(policy, cfg.model.hf_path, out_dir)
+    logger.close({"hf checkpoint": exported})
+    return exported

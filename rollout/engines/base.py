@@ -99,10 +99,25 @@ class RolloutEngine(abc.ABC):
     def submit(self, request: GenerateRequest) -> concurrent.futures.Future[list[SampleOutput]]:
         """Validate and queue one request; the future yields its `n` samples (validation errors raise here)."""
 
+    def submit_batch(self, requests: list[GenerateRequest]) -> list[concurrent.futures.Future[list[SampleOutput]]]:
+        """Validate and queue several requests that should batch together (one HTTP call's prompts); an engine
+        whose batching depends on arrival order overrides this to queue them as one unit. A validation error
+        names the prompt (`prompt i`) and cancels the ones already queued."""
+        futures = []
+        for i, request in enumerate(requests):
+            try:
+                futures.append(self.submit(request))
+            except EngineInputError as exc:
+                for future in futures:
+                    future.cancel()
+                if len(requests) > 1:
+                    raise EngineInputError(exc.field, f"{exc.message} (prompt {i})") from exc
+                raise
+        return futures
+
     def generate(self, requests: list[GenerateRequest]) -> list[list[SampleOutput]]:
         """Blocking convenience: submit all requests (so they batch together) and wait for them."""
-        futures = [self.submit(r) for r in requests]
-        return [f.result() for f in futures]
+        return [f.result() for f in self.submit_batch(requests)]
 
     @abc.abstractmethod
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:

@@ -35,6 +35,11 @@ class LeanDecodeStep:
 
     def __init__(self, text_model: Any, lm_head: torch.nn.Module, rotate: Callable[..., Any]) -> None:
         self.text_model, self.lm_head, self.rotate = text_model, lm_head, rotate
+        rotary = text_model.rotary_emb
+        # Static RoPE (not the dynamic kinds, whose frequencies follow the sequence length): cos/sin of a decode
+        # token depend on its position only, so they come from a table instead of being recomputed per step.
+        self._rope_static = getattr(rotary, "rope_type", "default") == "default"
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [P, D]
 
     @classmethod
     def for_model(cls, model: Any) -> LeanDecodeStep | None:
@@ -60,25 +65,52 @@ class LeanDecodeStep:
         """Logits [B, V] of the last position. Decode: input_ids [B, 1] and attention_mask [B, T+1] over
         the cached columns. Prefill of unpadded prompts: input_ids [B, L], attention_mask None (causal)."""
         length = input_ids.shape[1]
-        keep = None if attention_mask is None else attention_mask[:, None, None, :].bool()  # [B, 1, 1, T+1]
+        keep = None
+        if attention_mask is not None:  # the additive form SDPA would build from a bool mask in every layer
+            keep = torch.zeros(attention_mask.shape, dtype=self.lm_head.weight.dtype, device=attention_mask.device)
+            keep = keep.masked_fill_(attention_mask == 0, float("-inf"))[:, None, None, :]  # [B, 1, 1, T+1]
 
         def attend(index: int, attention: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             k, v = cache.update(k, v, index)  # [B, Hkv, T, D]
             return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=keep is None and length > 1,
                                                   scale=attention.scaling, enable_gqa=q.shape[1] != k.shape[1])
 
-        return self.run(input_ids, position_ids, attend)
+        rope = self._decode_rope(position_ids) if length == 1 and attention_mask is not None else None
+        return self.run(input_ids, position_ids, attend, rope)
 
-    def run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attend: Attend) -> torch.Tensor:
+    def _decode_rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos, sin [B, 1, D] of decode tokens from the table (their three M-RoPE components are equal), or None
+        to compute them the model's way."""
+        if not self._rope_static or position_ids.device.type != "cpu":  # sizing the table reads the max position:
+            return None  # a host sync per step on a GPU, where the few rotary kernels cost less anyway
+        positions = position_ids.reshape(-1, position_ids.shape[-2])[0]  # [B] ([3, B, 1] or [B, 1])
+        needed = int(positions.max()) + 1
+        if self._rope_table is None or self._rope_table[0].shape[0] < needed:
+            size = max(needed, 2 * (0 if self._rope_table is None else self._rope_table[0].shape[0]), 1024)
+            table = torch.arange(size, device=positions.device)[None, None, :]  # [1, 1, P]
+            if position_ids.dim() == 3:
+                table = table.expand(3, -1, -1)  # M-RoPE: t = h = w
+            else:
+                table = table[0]
+            probe = self.text_model.embed_tokens.weight[:1][None]  # dtype and device of the hidden states
+            cos, sin = self.text_model.rotary_emb(probe, table)  # [1, P, D] each
+            self._rope_table = (cos[0], sin[0])
+        cos, sin = self._rope_table
+        return cos[positions][:, None, :], sin[positions][:, None, :]  # [B, 1, D]
+
+    def run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attend: Attend,
+            rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The decoder stack with the KV cache and attention left to `attend`: logits [B, V] of the last
         position. `attend(layer index, attention module, q [B, Hq, L, D], k, v [B, Hkv, L, D])` stores the
-        new keys/values wherever it keeps them and returns the attention output [B, Hq, L, D]."""
+        new keys/values wherever it keeps them and returns the attention output [B, Hq, L, D]. `rope`: cos, sin
+        [B, L, D] when the caller has them (else computed from `position_ids`)."""
         batch, length = input_ids.shape
         hidden = self.text_model.embed_tokens(input_ids)  # [B, L, H]
-        cos, sin = self.text_model.rotary_emb(hidden, position_ids)  # M-RoPE or 1-D, as the model defines
+        # M-RoPE or 1-D, as the model defines
+        cos, sin = rope if rope is not None else self.text_model.rotary_emb(hidden, position_ids)
         for index, layer in enumerate(self.text_model.layers):
             attention = layer.self_attn
-            x = layer.input_layernorm(hidden)
+            x = _norm(layer.input_layernorm, hidden)
             q = attention.q_proj(x).view(batch, length, -1, attention.head_dim)  # [B, L, Hq, D]
             k = attention.k_proj(x).view(batch, length, -1, attention.head_dim)  # [B, L, Hkv, D]
             v = attention.v_proj(x).view(batch, length, -1, attention.head_dim).transpose(1, 2)  # [B, Hkv, L, D]
@@ -87,8 +119,17 @@ class LeanDecodeStep:
             q, k = self.rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [B, H, L, D]
             out = attend(index, attention, q, k, v)  # [B, Hq, L, D]
             hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(batch, length, -1))  # [B, L, H]
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.lm_head(self.text_model.norm(hidden[:, -1:, :]))[:, -1, :]  # [B, V]
+            hidden = hidden + layer.mlp(_norm(layer.post_attention_layernorm, hidden))
+        return self.lm_head(_norm(self.text_model.norm, hidden[:, -1:, :]))[:, -1, :]  # [B, V]
+
+
+def _norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An HF RMSNorm (fp32 variance, `weight * normed.to(dtype)`) as torch's one-op `rms_norm` when everything
+    is fp32 (the same arithmetic, bit for bit); otherwise the module itself."""
+    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    if eps is None or weight is None or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return module(x)
+    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 def matches_hf(run_hf: Callable[[], torch.Tensor], run_lean: Callable[[], torch.Tensor], dtype: torch.dtype,

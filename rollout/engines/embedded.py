@@ -23,6 +23,7 @@ sample reports the `weight_version` current when it finished.
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.metadata
 import inspect
 import logging
 import queue
@@ -56,6 +57,14 @@ from rollout.engines.sample_rows import (
 from rollout.engines.sampling import SamplingTensors, counter_uniforms, row_key, sample_next_tokens
 
 logger = logging.getLogger(__name__)
+
+
+def _package_version() -> str:
+    """calibrl-mcore's version: what `calibrl env` reports for an embedded server (SGLang and vLLM report theirs)."""
+    try:
+        return importlib.metadata.version("calibrl-mcore")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 DECODE_GRAPHS = ("auto", "on", "off")
 
@@ -103,7 +112,7 @@ class EmbeddedEngine(RolloutEngine):
         self._graph_decoder = self._checked_graph_decoder(decode_graphs)
 
         self._model_lock = threading.Lock()
-        self._queue: queue.Queue[PendingRequest] = queue.Queue()
+        self._queue: queue.Queue[list[PendingRequest]] = queue.Queue()  # one item per submit / submit_batch
         self._waiting: deque[PendingRequest] = deque()
         self._batch: DecodeBatch | SlotBatch | None = None
         self._rows: list[SampleRow] = []
@@ -116,6 +125,26 @@ class EmbeddedEngine(RolloutEngine):
     # Public API
     # ----------------------------------------------------------------------------------------------
     def submit(self, request: GenerateRequest) -> concurrent.futures.Future[list[SampleOutput]]:
+        return self.submit_batch([request])[0]
+
+    def submit_batch(self, requests: list[GenerateRequest]) -> list[concurrent.futures.Future[list[SampleOutput]]]:
+        """Queue the requests as one unit: the scheduler admits them together, so which rows share a decode
+        batch (and with it the rounding of every row's logits) depends on the requests, not on how fast they
+        were tokenized. With each step's prompts in one call, a rerun samples the same tokens."""
+        pending = []
+        for i, request in enumerate(requests):
+            try:
+                pending.append(self._pending(request))
+            except EngineInputError as exc:
+                if len(requests) > 1:
+                    raise EngineInputError(exc.field, f"{exc.message} (prompt {i})") from exc
+                raise
+        queued = [p for p in pending if not p.future.done()]  # max_new_tokens = 0 completes at once
+        if queued:
+            self._queue.put(queued)
+        return [p.future for p in pending]
+
+    def _pending(self, request: GenerateRequest) -> PendingRequest:
         if self._stopping.is_set():
             raise RuntimeError("engine is shut down")
         request.sampling.validate()
@@ -135,9 +164,7 @@ class EmbeddedEngine(RolloutEngine):
         if request.sampling.max_new_tokens == 0:
             n = request.sampling.n
             future.set_result([empty_output(pending, self.tokenizer, self.weight_version) for _ in range(n)])
-            return future
-        self._queue.put(pending)
-        return future
+        return pending
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -199,6 +226,7 @@ class EmbeddedEngine(RolloutEngine):
             "is_generation": True,
             "weight_version": self.weight_version,
             "engine": "embedded",
+            "version": _package_version(),
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "max_context_len": self.max_context_len,
@@ -237,7 +265,7 @@ class EmbeddedEngine(RolloutEngine):
         """Move queued requests into the batch while their rows fit: prefill each, then merge once."""
         try:
             while True:
-                self._waiting.append(self._queue.get(block=block and not self._waiting, timeout=0.05))
+                self._waiting.extend(self._queue.get(block=block and not self._waiting, timeout=0.05))
                 block = False
         except queue.Empty:
             pass
@@ -390,9 +418,12 @@ class EmbeddedEngine(RolloutEngine):
         else:
             row_tensors = self._row_tensors
         temperature, top_p, top_k, keys, all_greedy, needs_filter = row_tensors
-        # The uniform of token j of a sample is hash(key, j): independent of batch and timing.
-        steps = torch.tensor([len(row.output_ids) for row in rows], dtype=torch.int64).to(logits.device)
-        params = SamplingTensors(temperature, top_p, top_k, counter_uniforms(keys, steps), all_greedy, needs_filter)
+        if all_greedy:  # argmax: no random draw to make
+            uniforms = temperature
+        else:  # the uniform of token j of a sample is hash(key, j): independent of batch and timing
+            steps = torch.tensor([len(row.output_ids) for row in rows], dtype=torch.int64).to(logits.device)
+            uniforms = counter_uniforms(keys, steps)
+        params = SamplingTensors(temperature, top_p, top_k, uniforms, all_greedy, needs_filter)
         tokens, logprobs = sample_next_tokens(logits, params)
         # One device->host copy for both (float64 holds every token id exactly).
         tokens_and_logprobs = torch.stack([tokens.double(), logprobs.double()]).tolist()
@@ -445,7 +476,7 @@ class EmbeddedEngine(RolloutEngine):
         drained = list(self._waiting) + [row.pending for row in self._rows]
         while True:
             try:
-                drained.append(self._queue.get_nowait())
+                drained.extend(self._queue.get_nowait())
             except queue.Empty:
                 return drained
 

@@ -9,6 +9,26 @@ from pathlib import Path
 from tools.convert.commands import _hf_files_source
 from tools.convert.stage import DTYPES, ConvertError, build_stage, pipeline_split, read_hf_config
 
+# verify builds its prompts with the checkpoint's own processor: what that needs (any one file of a tuple).
+PROCESSOR_FILES: dict[str, tuple[str, ...]] = {
+    "image processor": ("preprocessor_config.json",),
+    "tokenizer": ("tokenizer.json", "tokenizer_config.json"),
+    "chat template": ("chat_template.jinja", "chat_template.json"),
+}
+
+
+def check_verify_inputs(hf_dir: Path) -> None:
+    """One line naming what verify's prompts need and --hf-dir lacks (before any rank starts)."""
+    has = {what: any((hf_dir / name).is_file() for name in names) for what, names in PROCESSOR_FILES.items()}
+    tok_config = hf_dir / "tokenizer_config.json"
+    if not has["chat template"] and tok_config.is_file():  # older checkpoints keep it in the tokenizer config
+        has["chat template"] = "chat_template" in json.loads(tok_config.read_text())
+    missing = [f"{what} ({' or '.join(PROCESSOR_FILES[what])})" for what, ok in has.items() if not ok]
+    if missing:
+        raise ConvertError(f"--hf-dir {hf_dir}: verify builds its text and image prompts with the checkpoint's "
+                           f"processor, and these files are missing: {'; '.join(missing)}. Copy them from the "
+                           "HF checkpoint the weights came from")
+
 
 def verify_inputs(hf_dir: Path) -> dict[str, dict]:
     """Text-only, one-image and two-image prompts through the checkpoint's own chat template + processor."""
@@ -65,6 +85,7 @@ def verify(args: argparse.Namespace) -> None:
     from megatron.core import parallel_state as ps
 
     _hf_files_source(args)
+    check_verify_inputs(args.hf_dir)
     hf_config = read_hf_config(args.hf_dir, "--hf-dir")
     dtype = getattr(torch, DTYPES[args.dtype])
     stage = build_stage(hf_config, dtype, pipeline_split(args), meta=False)

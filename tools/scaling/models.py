@@ -1,7 +1,7 @@
 """Model shapes for the scaling planner: parameter counts, FLOPs and KV-cache bytes from a few numbers.
 
 Shapes are the published HF `config.json` values (Qwen2.5-VL 3B/7B/32B, InternVL3-8B) plus the text
-decoders behind our performance anchors (Qwen2.5-3B from shared/GPU.md, Qwen3-32B and Llama-3.1-8B from
+decoders behind our performance anchors (Qwen2.5-3B from docs/gpu.md, Qwen3-32B and Llama-3.1-8B from
 NeMo-RL's published GRPO runs). `ModelShape.from_hf_config(dir)` reads any checkpoint (the sweep uses it
 for the tiny test model). Parameter counts are checked against the published totals in
 tests/test_scaling.py (Qwen2.5-VL-7B 8.29 B, Qwen2.5-VL-32B 33.5 B, InternVL3-8B 7.94 B).
@@ -116,7 +116,7 @@ class ModelShape:
 
     def train_flops_per_token(self, seq: float) -> float:
         """Forward + backward FLOPs per text token: 6·N_matmul + 12·L·d_q·s (PaLM's MFU convention:
-        the attention term counts the full s×s score matrix, as shared/GPU.md's MFU column does)."""
+        the attention term counts the full s×s score matrix, as docs/gpu.md's MFU column does)."""
         return self.layers * self.layer_train_flops_per_token(seq) + self.head_train_flops_per_token
 
     def layer_train_flops_per_token(self, seq: float) -> float:

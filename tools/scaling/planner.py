@@ -22,7 +22,8 @@ old/expert log-prob forward, the mini-batch updates, the weight push. Per GPU it
             stage 0 the ViT, the last the LM head) through 1F1B: (Σ T_i + (m − 1)·max T_i)/m, the decoder
             split of each layout chosen by tools/scaling/pipeline_stages.py (Megatron's uneven stages), the DP
             gradient all-reduce / reduce-scatter per optimizer step (NVLink inside a node, IB across), the
-            optimizer update (HBM bound) and the weight sync. The vision tower is replicated over CP (its
+            optimizer update (HBM bound), the weight sync and the data plane (tools/scaling/data_plane.py:
+            each DP replica receives and encodes only its rows; also the host memory per rank). The vision tower is replicated over CP (its
             FLOPs and activations are not split by CP).
 
 Activation bytes per token per decoder layer (bf16, flash attention, Korthikanti et al. 2022 adapted to
@@ -43,6 +44,7 @@ if __package__ in (None, ""):  # `python tools/scaling/planner.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from model_providers.pipeline_split import EVEN, PipelineSplit  # noqa: E402
+from tools.scaling.data_plane import data_plane_cost  # noqa: E402
 from tools.scaling.models import ModelShape, get_model  # noqa: E402
 from tools.scaling.pipeline_stages import StageCost, choose_split, format_split_gain, pipelined_s  # noqa: E402
 
@@ -77,7 +79,7 @@ HARDWARE: dict[str, Hardware] = {
 @dataclass(frozen=True)
 class Assumptions:
     mfu: float = 0.40  # fraction of peak reached by training / log-prob / prefill matmuls + attention
-    vision_mfu: float = 0.25  # Megatron/TE ViT; GPU.md's transformers-eager ViT reached only ~0.04
+    vision_mfu: float = 0.25  # Megatron/TE ViT; docs/gpu.md's transformers-eager ViT reached only ~0.04
     decode_hbm_efficiency: float = 0.75  # fraction of HBM bandwidth a decode step reaches
     decode_step_overhead_ms: float = 2.0  # scheduling, sampling + log-probs, launch gaps per decode step
     max_running: int = 512  # sequences an engine decodes at once (SGLang / vLLM cap)
@@ -268,6 +270,7 @@ def plan(model: ModelShape, w: Workload, lay: Layout, hw: Hardware, a: Assumptio
     mem.update(train_total=train_gib, rollout_weights=rollout_w, kv_cache=kv,
                rollout_total=rollout_w + kv + a.rollout_overhead_gib)
     mem["total"] = train_gib + mem["rollout_total"]
+    mem["host"] = data_plane_cost(model, w, lay, hw)["host_gib"]  # host RAM per rank for the step's rows
     time = step_time(model, w, lay, hw, a, conc)
     reason = ""
     if train_gib + rollout_w + a.rollout_overhead_gib > budget:
@@ -376,9 +379,10 @@ def step_time(model: ModelShape, w: Workload, lay: Layout, hw: Hardware, a: Assu
     train = pass_s(model, w, lay, hw, a, backward=True) + optimizer_s(model, w, lay, hw, a)
     engines = lay.gpus // lay.rollout_tp
     sync = 2 * model.total_params / lay.pp / (a.weight_sync_gbps * 1e9) + engines * a.weight_sync_engine_s
-    step = gen + logp + train + sync
+    data = data_plane_cost(model, w, lay, hw)["time_s"]  # rows to each DP replica, images encoded there
+    step = gen + data + logp + train + sync
     train_flops = w.trained_rows * w.avg_seq * model.train_flops_per_token(w.avg_seq)
-    return {"generation": gen, "logprobs": logp, "train": train, "weight_sync": sync, "step": step,
+    return {"generation": gen, "data_plane": data, "logprobs": logp, "train": train, "weight_sync": sync, "step": step,
             "tokens_per_s_per_gpu": w.generated_rows * w.avg_seq / step / lay.gpus,
             "train_mfu": train_flops / (train * lay.gpus * hw.peak_bf16_tflops * 1e12)}
 
@@ -476,13 +480,15 @@ def layout_from_config(cfg, gpus: int) -> Layout:
 
 def format_table(plans: list[Plan], gpus: int) -> list[str]:
     rows = ["| GPUs | rank | layout | recompute | dist-opt | rollout TP | train GiB | rollout GiB | total GiB "
-            "| running seqs/engine | gen s | logp s | train s | sync s | step s | tok/s/GPU | train MFU |",
-            "|---" * 17 + "|"]
+            "| host GiB | running seqs/engine | gen s | data s | logp s | train s | sync s | step s | tok/s/GPU "
+            "| train MFU |",
+            "|---" * 19 + "|"]
     for i, p in enumerate(plans, 1):
         lay, m, t = p.layout, p.memory, p.time
         rows.append(f"| {gpus} | {i} | {p.layout_name} | {lay.recompute} | {'yes' if lay.distributed_optimizer else 'no'} "
                     f"| {lay.rollout_tp} | {m['train_total']:.1f} | {m['rollout_total']:.1f} | {m['total']:.1f} "
-                    f"| {p.concurrency} | {t['generation']:.0f} | {t['logprobs']:.0f} | {t['train']:.0f} "
+                    f"| {m['host']:.1f} | {p.concurrency} | {t['generation']:.0f} | {t['data_plane']:.1f} "
+                    f"| {t['logprobs']:.0f} | {t['train']:.0f} "
                     f"| {t['weight_sync']:.0f} | {t['step']:.0f} | {t['tokens_per_s_per_gpu']:.0f} "
                     f"| {t['train_mfu']:.2f} |")
     return rows

@@ -102,8 +102,8 @@ def render_layout(model_name: str, p: Plan, hw: Hardware, a: Assumptions, even: 
 # recompute {lay.recompute}, sequence parallelism {sp}, distributed optimizer {dist};{stages}
 # SGLang engines of TP {lay.rollout_tp} colocated with training on every GPU.
 # Planner estimate (mfu {a.mfu}): {m["train_total"]:.1f} GiB training + {m["rollout_total"]:.1f} GiB rollout per GPU;
-# step {t["step"]:.0f} s = generation {t["generation"]:.0f} + log-probs {t["logprobs"]:.0f} + train {t["train"]:.0f} \
-+ weight sync {t["weight_sync"]:.0f}.
+# step {t["step"]:.0f} s = generation {t["generation"]:.0f} + data plane {t["data_plane"]:.0f} + log-probs \
+{t["logprobs"]:.0f} + train {t["train"]:.0f} + weight sync {t["weight_sync"]:.0f}.
 # Written by `python tools/scaling/planner.py --write-layouts configs/layouts`. Apply with
 #   calibrl train --config configs/{model_name}.yaml --layout {layout_file_name(model_name, hw, n)}
 # or  calibrl train --config configs/{model_name}.yaml $(python tools/scaling/planner.py --overrides <this file>)
@@ -168,7 +168,7 @@ NEMO_RL = {
 # the 1n8g recipe (PP 2, activation checkpointing) with the 64 × 32 batch above.
 NEMO_RL_PHASES = dict(model="llama3_1_8b", layout=Layout(1, 2, 1, 4, "full", True, False, 1, 0.6), avg_response=795,
                       phases={"generation": 58.0, "logprobs": 18.0, "train": 28.0, "weight_sync": 5.0, "step": 112.0})
-# shared/GPU.md, one H200, bf16, sequence 4096, micro-batch 1, forward + backward, tokens/s.
+# docs/gpu.md, one H200, bf16, sequence 4096, micro-batch 1, forward + backward, tokens/s.
 GPU_MD = {"qwen2_5_3b": {"transformers SDPA": 20617.0, "Megatron local spec + SDPA": 17159.0},
           "qwen2_5_vl_3b": {"transformers, 256 image tokens": 12870.0}}
 
@@ -180,13 +180,13 @@ def anchor_results(a: Assumptions | None = None) -> list[tuple[str, float, float
     peak = HARDWARE["h200-141gb"].peak_bf16_tflops * 1e12
     pred = peak * a.mfu / MODELS["qwen2_5_3b"].train_flops_per_token(4096)
     for stack, measured in GPU_MD["qwen2_5_3b"].items():
-        out.append((f"GPU.md Qwen2.5-3B decoder, 1×H200, fwd+bwd tok/s ({stack})", measured, pred))
+        out.append((f"docs/gpu.md Qwen2.5-3B decoder, 1×H200, fwd+bwd tok/s ({stack})", measured, pred))
     vl = MODELS["qwen2_5_vl_3b"]
     for vision_mfu in (a.vision_mfu, 0.04):  # the default, and the eager ViT's measured efficiency
         step = 4096 * vl.train_flops_per_token(4096) / (peak * a.mfu)
         step += 1024 * vl.vision_train_flops_per_patch(1024) / (peak * vision_mfu)
         for stack, measured in GPU_MD["qwen2_5_vl_3b"].items():
-            out.append((f"GPU.md Qwen2.5-VL-3B, 1×H200, fwd+bwd tok/s ({stack}; vision_mfu {vision_mfu})",
+            out.append((f"docs/gpu.md Qwen2.5-VL-3B, 1×H200, fwd+bwd tok/s ({stack}; vision_mfu {vision_mfu})",
                         measured, 4096 / step))
     for name, ref in NEMO_RL.items():
         t = plan(MODELS[name], _nemo_workload(ref["avg_seq"] - 200), ref["layout"], HARDWARE["h100-80gb"], a).time
