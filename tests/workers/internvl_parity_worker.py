@@ -282,7 +282,7 @@ if __name__ == "__main__":
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--cp", type=int, default=1)
-    parser.add_argument("--spec", default="local", choices=["local", "sdpa"])
+    parser.add_argument("--spec", default="local", choices=["local", "sdpa", "te"])
     parser.add_argument("--ckpt", type=_named_path, action="append", required=True, help="NAME=DIR")
     args = parser.parse_args()
     torch.set_num_threads(1)
