@@ -82,3 +82,17 @@ def test_spec_must_match_the_backend():
     with pytest.raises(ValueError, match="with model.spec=te use fp8_backend=te"):
         FP8Settings(recipe="tensorwise", backend="torchao").check_spec("te")
     FP8Settings.from_model_config(ModelConfig()).check_spec("local")  # fp8 off: any spec
+
+
+def test_cuda_device_max_connections_is_set_for_tp_or_cp_only():
+    from calibrl_mcore.parallel import ParallelConfig
+    from calibrl_mcore.parallel.init import set_device_max_connections
+
+    for cfg, expected in [(ParallelConfig(tensor_model_parallel_size=2), "1"),
+                          (ParallelConfig(context_parallel_size=2), "1"), (ParallelConfig(), None)]:
+        env: dict[str, str] = {}
+        set_device_max_connections(cfg, env)
+        assert env.get("CUDA_DEVICE_MAX_CONNECTIONS") == expected
+    env = {"CUDA_DEVICE_MAX_CONNECTIONS": "8"}
+    set_device_max_connections(ParallelConfig(tensor_model_parallel_size=2), env)
+    assert env["CUDA_DEVICE_MAX_CONNECTIONS"] == "8"  # the user's choice stays
