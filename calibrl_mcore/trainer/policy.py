@@ -176,7 +176,9 @@ class MegatronPolicy:
             self._build_optimizer(optim_cfg, total_steps)
         if torch.distributed.get_rank() == 0:
             log_fused_backends(spec_backend=model.backend)  # which Adam / norm kernels run, and why
-            log.info("%s; micro-batch lengths padded to multiples of %d", describe_fp8(self.fp8), self.pad_multiple)
+            if self.fp8.enabled:  # quiet when off: the start-up screen has a line budget (tests/test_terminal.py)
+                log.info("%s; micro-batch lengths padded to multiples of %d", describe_fp8(self.fp8),
+                         self.pad_multiple)
             pp = parallel_state.get_pipeline_model_parallel_world_size()
             if pp > 1:
                 log.info("decoder layers per pipeline stage: %s",
