@@ -16,8 +16,9 @@
 #   own /etc/pip/constraint.txt, minus the packages pinned below, plus `torch==<installed version>`), and
 #   packages whose metadata pins PyPI's torch (sglang: torch==2.8.0, which pip does not consider satisfied
 #   by the pre-release 2.8.0a0) are installed --no-deps with their other requirements listed explicitly.
-# * transformer-engine[pytorch] 2.4.0 (the TE generation NGC 25.06 ships): prebuilt CUDA-12 core, PyTorch
-#   extension compiled against this image's torch (--no-build-isolation); a no-op if the image has 2.4.0.
+# * transformer-engine[pytorch] 2.11.0: megatron-core 0.16.1 declares and is tested with TE >=2.9,<2.12 (NGC
+#   25.06 ships 2.4, too old for it); prebuilt CUDA-12 core, PyTorch extension compiled against this image's
+#   torch (--no-build-isolation). tests/te_standin mirrors this version's classes.
 # * apex tag 25.04, compiled from source with --cpp_ext --cuda_ext against this image's torch and CUDA.
 # * transformers 5.24.0: the version the CPU test suite runs; calibrl-mcore needs transformers 5
 #   (`rope_parameters`). sglang 0.5.4.post3 pins transformers==4.57.1 and torch==2.8.0: here its torch pin
@@ -31,7 +32,7 @@
 # * not installed: flash-attn (TE uses cuDNN fused attention, SGLang flashinfer; a source build is ~1 h)
 FROM nvcr.io/nvidia/pytorch:25.06-py3
 
-ARG TE_VERSION=2.4.0
+ARG TE_VERSION=2.11.0
 ARG APEX_REF=25.04
 ARG SGLANG_VERSION=0.5.4.post3
 ARG DALI_VERSION=1.51.2

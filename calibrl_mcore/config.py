@@ -28,9 +28,19 @@ class ModelConfig:
     """layer spec: 'local' (CPU), 'sdpa' (torch SDPA attention), 'te' (Transformer Engine), 'auto' (te on GPU
     when installed, else sdpa on GPU, local on CPU)."""
     fp8: str = "none"
-    """FP8 training recipe with TE: none | delayed | tensorwise | blockwise (H100+ only)."""
-    fp8_bf16_layers: list[str] = field(default_factory=lambda: ["first", "last", "vision"])
-    """parts kept in bf16 under FP8: 'first'/'last' decoder layer, 'vision' tower."""
+    """FP8 training of the decoder's linears (H100+): none | delayed | tensorwise | blockwise (fp8_backend te)
+    | tensorwise | rowwise (fp8_backend torchao). Micro-batches are then padded so each rank's tokens are a
+    multiple of 16 (blockwise: 128). The vision towers always run in bf16."""
+    fp8_backend: str = "te"
+    """te (Transformer Engine layers, model.spec=te) | torchao (torchao float8 GEMMs in the sdpa/local spec's
+    Megatron linears; no TE needed)."""
+    fp8_bf16_layers: list[str] = field(default_factory=lambda: ["first", "last"])
+    """decoder layers kept in bf16 under FP8: 'first' / 'last' layer of the whole model (global indices: under
+    PP only the first / last stage has one). Must be empty for fp8=delayed (Megatron refuses it)."""
+    fp8_amax_history_len: int = 1024
+    """fp8=delayed: amax history length (TE / NeMo default 1024; Megatron's own default is 1)."""
+    fp8_amax_compute_algo: str = "max"
+    """fp8=delayed: scale from the history's max | most_recent amax (TE / NeMo default max)."""
     recompute: str = "none"
     """activation recompute: none | selective (core attention) | full (whole layers)."""
     compile: bool = False
@@ -320,7 +330,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("auto", "qwen2_5_vl", "internvl"),
     "model.dtype": ("fp32", "bf16"),
     "model.spec": ("auto", "local", "sdpa", "te"),
-    "model.fp8": ("none", "delayed", "tensorwise", "blockwise"),
+    "model.fp8": ("none", "delayed", "tensorwise", "blockwise", "rowwise"),
+    "model.fp8_backend": ("te", "torchao"),
+    "model.fp8_amax_compute_algo": ("max", "most_recent"),
     "model.recompute": ("none", "selective", "full"),
     "data.image_backend": ("processor", "pil", "dali", "auto"),
     "rollout.engine": ("embedded", "sglang", "vllm"),
@@ -379,6 +391,18 @@ def _validate(cfg: Config) -> None:
     if cfg.parallel.sequence_parallel and cfg.parallel.tensor_model_parallel_size == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
     _validate_pipeline_split(cfg.parallel)
+    _validate_fp8(cfg.model)
+
+
+def _validate_fp8(model: ModelConfig) -> None:
+    """The FP8 keys together (recipe belongs to the backend, bf16 parts, delayed without bf16 layers); the
+    spec is checked against the backend when the model is built (`model_providers.fp8`)."""
+    from model_providers.fp8 import FP8Settings
+
+    try:
+        FP8Settings.from_model_config(model).validate()
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 def _validate_pipeline_split(section: ParallelSection) -> None:

@@ -18,7 +18,7 @@ own: `vision_model` (+ `vision_projection`) and `language_model`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -32,6 +32,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from .context_parallel import split_for_cp
+from .fp8 import NO_FP8, FP8Settings, apply_torchao_fp8, check_fp8_weight_shapes, te_config_kwargs
 from .hf_mapping import tp_padded
 from .packing import PackedLayout, check_packing_supported
 from .pipeline_split import EVEN, PipelineSplit
@@ -54,12 +55,14 @@ def qwen2_language_config(
     sequence_parallel: bool = False,
     cp_size: int = 1,
     pipeline_split: PipelineSplit = EVEN,
+    fp8: FP8Settings = NO_FP8,
 ) -> TransformerConfig:
     """The TransformerConfig of a Qwen2 decoder (QKV bias only, GQA, RMSNorm, SwiGLU) from its HF text config.
 
     `rope="mrope"` reads the M-RoPE sections from `rope_parameters["mrope_section"]`; `rope="rope"` accepts
     only the 'default' rope_type (Megatron's plain RoPE). `name` is the model in error messages.
     `pipeline_split`: decoder layers of the first / last PP stage (None: even), checked against the layers.
+    `fp8`: TE FP8 settings go into the constructor, so Megatron's own FP8 checks run (`fp8.te_config_kwargs`).
     """
     if rope not in ("rope", "mrope"):
         raise ValueError(f"rope={rope!r}: expected 'rope' or 'mrope'")
@@ -109,6 +112,7 @@ def qwen2_language_config(
         context_parallel_size=cp_size,
         sequence_parallel=sequence_parallel,
         **backend_config_kwargs(backend, params_dtype),
+        **te_config_kwargs(fp8),
     )
 
 
@@ -337,38 +341,6 @@ class VisionLanguageModel(MegatronModule):
 
 
 RECOMPUTE_CHOICES = ("none", "selective", "full")
-FP8_RECIPES = ("none", "delayed", "tensorwise", "blockwise")
-FP8_BF16_PARTS = ("first", "last", "vision")
-
-
-def apply_fp8(config: TransformerConfig, recipe: str, bf16_parts: Sequence[str], backend: str) -> None:
-    """FP8 training of the decoder's linears through Transformer Engine (read by TE layers at forward).
-
-    `recipe`: 'delayed' (amax history, e4m3 forward / e5m2 backward = 'hybrid'), 'tensorwise' (current
-    per-tensor scaling) or 'blockwise' (per-block scaling), both e4m3. `bf16_parts`: 'first' / 'last' keep
-    the first / last decoder layer of each stage in bf16. The vision towers always stay in bf16: their
-    configs never take FP8 ('vision' is accepted to say so explicitly). Parameters stay bf16
-    (`fp8_param` off), so exports and weight sync are bf16.
-    """
-    if recipe not in FP8_RECIPES:
-        raise ValueError(f"fp8 recipe {recipe!r} is not one of {list(FP8_RECIPES)}")
-    unknown = sorted(set(bf16_parts) - set(FP8_BF16_PARTS))
-    if unknown:
-        raise ValueError(f"fp8_bf16_layers has unknown parts {unknown}; choose from {list(FP8_BF16_PARTS)}")
-    if recipe == "none":
-        return
-    if backend != "te":
-        raise ValueError(f"model.fp8={recipe!r} needs Transformer Engine layers (model.spec=te on a GPU with "
-                         f"transformer-engine installed); this model uses the {backend!r} spec")
-    first, last = "first" in bf16_parts, "last" in bf16_parts
-    if recipe == "delayed" and (first or last):
-        raise ValueError("model.fp8=delayed cannot keep the first/last layer in bf16 (Megatron limitation): "
-                         "drop 'first'/'last' from model.fp8_bf16_layers or use fp8=tensorwise")
-    config.fp8 = "hybrid" if recipe == "delayed" else "e4m3"
-    config.fp8_recipe = recipe
-    config.first_last_layers_bf16 = first or last
-    config.num_layers_at_start_in_bf16 = int(first)
-    config.num_layers_at_end_in_bf16 = int(last)
 
 
 def apply_recompute(config: TransformerConfig, recompute: str) -> None:
@@ -394,8 +366,7 @@ def build_stage(
     parallel_output: bool = True,
     sequence_parallel: bool = False,
     recompute: str = "none",
-    fp8: str = "none",
-    fp8_bf16_layers: Sequence[str] = ("first", "last", "vision"),
+    fp8: FP8Settings = NO_FP8,
     packed_sequences: bool = False,
     compile_layers: bool = False,
     pipeline_split: PipelineSplit = EVEN,
@@ -404,7 +375,8 @@ def build_stage(
 
     `recompute`: activation recompute of the decoder: 'none', 'selective' (core attention only) or
     'full' (every layer's activations, recomputed one layer at a time in backward).
-    `fp8`, `fp8_bf16_layers`: see `apply_fp8` (Transformer Engine only).
+    `fp8`: FP8 training of the decoder's linears (`model_providers.fp8`): TE recipes in the te spec's layers,
+    torchao's by swapping the sdpa / local spec's linears after the build.
     `packed_sequences`: the model will get packed micro-batches (`forward(packed=...)`): spec 'auto' then
     picks sdpa rather than local on CPU, and a layout that cannot run them is refused here.
     `compile_layers`: `torch.compile` every decoder layer (`compile_decoder_layers`).
@@ -417,6 +389,7 @@ def build_stage(
     """
     cp_size = parallel_state.get_context_parallel_world_size()
     backend = resolve_backend(spec, cp_size=cp_size, packed_sequences=packed_sequences)
+    fp8.check_spec(backend)
     config = language_config(
         hf_config.text_config,
         tp_size=parallel_state.get_tensor_model_parallel_world_size(),
@@ -426,9 +399,9 @@ def build_stage(
         backend=backend,
         sequence_parallel=sequence_parallel,
         pipeline_split=pipeline_split,
+        fp8=fp8,
     )
     apply_recompute(config, recompute)
-    apply_fp8(config, fp8, fp8_bf16_layers, backend)
     if packed_sequences:
         check_packing_supported(backend, cp_size)
     model = model_cls(
@@ -439,6 +412,8 @@ def build_stage(
         post_process=post_process,
         parallel_output=parallel_output,
     )
+    check_fp8_weight_shapes(model, fp8)
+    apply_torchao_fp8(model, fp8)
     if torch.cuda.is_available():
         # Like Megatron-LM's get_model: norms, the patch convolution and buffers are built on the CPU.
         model.cuda(torch.cuda.current_device())

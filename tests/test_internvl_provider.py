@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.te_standin_env import te_env
 from tests.torchrun_utils import run_torchrun
 from tests.workers.internvl_parity_worker import (
     CASES,
@@ -315,16 +316,22 @@ def test_registry_builds_internvl(megatron_world, hf_models):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize(
-    "tp,pp,cp", [(2, 1, 1), (1, 2, 1), (2, 2, 1), (2, 1, 2)], ids=["tp2", "pp2", "tp2xpp2", "tp2xcp2"]
+    "tp,pp,cp", [(2, 1, 1), (1, 2, 1), (2, 2, 1), (2, 1, 2)], ids=["tp2_te", "pp2", "tp2xpp2", "tp2xcp2"]
 )
 def test_parallel_layouts_match_transformers(tmp_path, checkpoints, hf_models, tp, pp, cp):
-    """Context parallelism (plain RoPE here, M-RoPE in the Qwen tests) runs on the sdpa spec."""
+    """Context parallelism (plain RoPE here, M-RoPE in the Qwen tests) runs on the sdpa spec; TP=2 alone runs
+    Megatron's TE spec on the TE stand-ins (tests/te_standin): the InternVL HF<->TE mapping end to end."""
     ckpt_args = [arg for name, path in checkpoints.items() for arg in ("--ckpt", f"{name}={path}")]
-    spec = "sdpa" if cp > 1 else "local"
+    spec = "sdpa" if cp > 1 else "te" if (tp, pp) == (2, 1) else "local"
     results = run_torchrun(
         "internvl_parity_worker.py", tp * pp * cp, tmp_path,
         "--tp", str(tp), "--pp", str(pp), "--cp", str(cp), "--spec", spec, *ckpt_args,
+        extra_env=te_env() if spec == "te" else None,
     )  # fmt: skip
+    assert {r["backend"] for r in results} == {spec}
+    if spec == "te":
+        assert {"TELayerNormColumnParallelLinear", "TERowParallelLinear", "TEDotProductAttention"} <= set(
+            results[0]["te_classes"])
     assert len(results) == tp * pp * cp
     last = [r for r in results if r["pp_rank"] == pp - 1]
     expected_keys = {f"{v}/{c}" for v in VARIANTS for c in CASES} | {"tied/text", "tied/one_image"}

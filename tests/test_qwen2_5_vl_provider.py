@@ -16,6 +16,7 @@ import random
 import pytest
 import torch
 
+from tests.te_standin_env import te_env
 from tests.torchrun_utils import run_torchrun
 from tests.workers.qwen_vl_parity_worker import (
     CASES,
@@ -310,17 +311,24 @@ def test_sequence_and_context_parallel_need_te_or_sdpa(megatron_world, hf_config
     "tp,pp,cp,sp",
     [(2, 1, 1, False), (1, 2, 1, False), (2, 2, 1, False), (1, 1, 2, False), (2, 1, 1, True), (2, 1, 2, True),
      (1, 2, 2, False)],
-    ids=["tp2", "pp2", "tp2xpp2", "cp2", "tp2_sp", "tp2xcp2_sp", "pp2xcp2"],
+    ids=["tp2", "pp2", "tp2xpp2", "cp2", "tp2_sp", "tp2xcp2_sp_te", "pp2xcp2"],
 )
 def test_parallel_layouts_match_transformers(tmp_path, hf_model, tp, pp, cp, sp):
     """Context and sequence parallelism run on the sdpa spec (Megatron's local attention has no CP, its
-    torch norms refuse SP)."""
-    spec = "sdpa" if cp > 1 or sp else "local"
+    torch norms refuse SP); TP x CP x SP runs Megatron's TE spec (TE stand-ins on CPU, tests/te_standin:
+    TELayerNormColumnParallelLinear, TEDotProductAttention with CP, ...), so the HF<->TE mapping, TE's SP
+    and CP wiring are checked against transformers too."""
+    spec = "te" if (cp > 1 and sp) else "sdpa" if cp > 1 or sp else "local"
     results = run_torchrun(
         "qwen_vl_parity_worker.py", tp * pp * cp, tmp_path,
         "--tp", str(tp), "--pp", str(pp), "--cp", str(cp), "--spec", spec, *(["--sp"] if sp else []),
+        extra_env=te_env() if spec == "te" else None,
     )  # fmt: skip
     assert len(results) == tp * pp * cp
+    assert {r["backend"] for r in results} == {spec}
+    if spec == "te":  # Megatron's own TE wrappers were built, not a fallback
+        assert {"TELayerNormColumnParallelLinear", "TERowParallelLinear", "TEDotProductAttention"} <= set(
+            results[0]["te_classes"])
     last = [r for r in results if r["pp_rank"] == pp - 1]
     for r in last:
         assert set(r["logits_max_abs_diff"]) == {*CASES, "text_tied"}

@@ -133,6 +133,14 @@ def _seed_everything(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def set_device_max_connections(cfg: ParallelConfig, env) -> None:
+    """CUDA_DEVICE_MAX_CONNECTIONS=1 under TP or CP (GPU): one hardware queue, so the TP / SP / CP collectives
+    are scheduled in issue order ahead of the GEMMs that wait for them, as Megatron-LM's launch scripts set it
+    (Megatron asserts it for TP communication overlap). A value the user exported is kept."""
+    if (cfg.tensor_model_parallel_size > 1 or cfg.context_parallel_size > 1) and "CUDA_DEVICE_MAX_CONNECTIONS" not in env:
+        env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+
+
 def init_distributed(cfg: ParallelConfig) -> DistInfo:
     """Initialise torch.distributed and Megatron's parallel_state for `cfg`; see the module docstring."""
     from megatron.core import parallel_state
@@ -146,6 +154,7 @@ def init_distributed(cfg: ParallelConfig) -> DistInfo:
     if backend == "nccl" and not on_gpu:
         raise ValueError("backend='nccl' needs CUDA; use 'gloo' or 'auto' on CPU")
     if on_gpu:
+        set_device_max_connections(cfg, os.environ)  # before the first CUDA context
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:

@@ -38,7 +38,9 @@ from safetensors import safe_open
 
 from calibrl_mcore.config import ModelConfig, OptimConfig
 from calibrl_mcore.parallel.fused import log_fused_backends
-from model_providers.context_parallel import cp_pad_multiple, cp_size_rank, split_for_cp
+from model_providers.context_parallel import cp_size_rank, split_for_cp
+from model_providers.fp8 import FP8Settings, sequence_pad_multiple
+from model_providers.fp8 import describe as describe_fp8
 from model_providers.hf_mapping import Placement, gather_megatron_to_hf, get_mapping, load_hf_weights
 from model_providers.packing import PackedLayout
 from model_providers.pipeline_split import EVEN, PipelineSplit
@@ -125,6 +127,7 @@ class MegatronPolicy:
         self.hf_config = read_hf_config(model_cfg.hf_path)
         self.arch = self.hf_config.model_type
         self.dtype = DTYPES[model_cfg.dtype]
+        self.fp8 = FP8Settings.from_model_config(model_cfg)
         model = build_model(
             self.hf_config,
             params_dtype=self.dtype,
@@ -132,8 +135,7 @@ class MegatronPolicy:
             post_process=parallel_state.is_pipeline_last_stage(),
             spec=model_cfg.spec,
             recompute=model_cfg.recompute,
-            fp8=model_cfg.fp8,
-            fp8_bf16_layers=tuple(model_cfg.fp8_bf16_layers),
+            fp8=self.fp8,
             sequence_parallel=sequence_parallel,
             packed_sequences=model_cfg.packed_sequences,
             compile_layers=model_cfg.compile,
@@ -149,10 +151,15 @@ class MegatronPolicy:
             model.cuda(device)
         self.device = device or torch.device("cpu")
         # Micro-batch lengths must split into 2·CP chunks (context parallelism), each a multiple of TP
-        # under sequence parallelism; packed micro-batches (no CP: build_model refuses it) round their packed
-        # length up to the same multiple.
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        self.pad_multiple = cp_pad_multiple() * (tp if sequence_parallel else 1)
+        # under sequence parallelism, and under FP8 leave every rank a multiple of 16 (blockwise 128) tokens;
+        # packed micro-batches (no CP: build_model refuses it) round their packed length up to the same
+        # multiple. collate / PackedLayout / padding_fraction all take this number.
+        self.pad_multiple = sequence_pad_multiple(
+            parallel_state.get_context_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_world_size(),
+            sequence_parallel,
+            self.fp8,
+        )
         self.packed_sequences = model_cfg.packed_sequences
         self.distributed_optimizer = bool(optim_cfg and optim_cfg.distributed_optimizer)
         ddp_config = DistributedDataParallelConfig(
@@ -169,6 +176,9 @@ class MegatronPolicy:
             self._build_optimizer(optim_cfg, total_steps)
         if torch.distributed.get_rank() == 0:
             log_fused_backends(spec_backend=model.backend)  # which Adam / norm kernels run, and why
+            if self.fp8.enabled:  # quiet when off: the start-up screen has a line budget (tests/test_terminal.py)
+                log.info("%s; micro-batch lengths padded to multiples of %d", describe_fp8(self.fp8),
+                         self.pad_multiple)
             pp = parallel_state.get_pipeline_model_parallel_world_size()
             if pp > 1:
                 log.info("decoder layers per pipeline stage: %s",

@@ -157,10 +157,19 @@ def grad_rel_err(got: torch.Tensor, reference: torch.Tensor) -> float:
 # ---- the distributed run -----------------------------------------------------------------------------------
 
 
+def te_class_names(model) -> list[str]:
+    """Megatron's TE wrappers in the built model (they subclass transformer_engine's classes, real or stand-in)."""
+    return sorted({type(m).__name__ for m in model.modules() if type(m).__module__.endswith("extensions.transformer_engine")})
+
+
 def _build_megatron(hf_model, info, spec: str = "local"):
     from model_providers.hf_mapping import Placement, get_mapping, load_hf_weights
     from model_providers.internvl import build_internvl
 
+    if spec == "te":
+        from tests.te_standin_env import prepare_megatron
+
+        prepare_megatron()
     model = build_internvl(
         hf_model.config, pre_process=info.is_first_stage, post_process=info.is_last_stage, spec=spec
     )
@@ -238,6 +247,8 @@ def run(out: Path, tp: int, pp: int, checkpoints: dict[str, Path], cp: int = 1, 
     for tag in VARIANTS:
         hf_model = load_variant(checkpoints, tag)
         model, mapping, placement = _build_megatron(hf_model, info, spec)
+        result["backend"] = model.backend
+        result["te_classes"] = te_class_names(model)
         # 1. logits
         result["logits_max_abs_diff"].update(_logit_diffs(model, hf_model, processor, CASES, info, tag))
         # 2. grads
@@ -282,7 +293,7 @@ if __name__ == "__main__":
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--cp", type=int, default=1)
-    parser.add_argument("--spec", default="local", choices=["local", "sdpa"])
+    parser.add_argument("--spec", default="local", choices=["local", "sdpa", "te"])
     parser.add_argument("--ckpt", type=_named_path, action="append", required=True, help="NAME=DIR")
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -187,10 +187,19 @@ def hf_grads(hf_model, case: dict) -> dict[str, torch.Tensor]:
 # ---- the distributed run -----------------------------------------------------------------------------------
 
 
+def te_class_names(model) -> list[str]:
+    """Megatron's TE wrappers in the built model (they subclass transformer_engine's classes, real or stand-in)."""
+    return sorted({type(m).__name__ for m in model.modules() if type(m).__module__.endswith("extensions.transformer_engine")})
+
+
 def _build_megatron(hf_config, hf_model, info, spec: str = "local", sequence_parallel: bool = False):
     from model_providers.hf_mapping import Placement, get_mapping, load_hf_weights
     from model_providers.qwen2_5_vl import build_qwen2_5_vl
 
+    if spec == "te":
+        from tests.te_standin_env import prepare_megatron
+
+        prepare_megatron()
     model = build_qwen2_5_vl(
         hf_config,
         pre_process=info.is_first_stage,
@@ -231,7 +240,8 @@ def run(out: Path, tp: int, pp: int, cp: int = 1, spec: str = "local", sp: bool 
     hf_model = make_hf_model(hf_config)
     model, mapping, placement = _build_megatron(hf_config, hf_model, info, spec, sp)
     model.eval()  # no dropout anyway; eval keeps HF and Megatron on the same path
-    result: dict = {"rank": info.rank, "tp_rank": info.tp_rank, "pp_rank": info.pp_rank, "cp_rank": info.cp_rank}
+    result: dict = {"rank": info.rank, "tp_rank": info.tp_rank, "pp_rank": info.pp_rank, "cp_rank": info.cp_rank,
+                    "backend": model.backend, "te_classes": te_class_names(model)}
 
     def make(name: str) -> dict:
         return pad_case(make_case(name), cp_pad_multiple() * (tp if sp else 1))
@@ -284,7 +294,7 @@ if __name__ == "__main__":
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--cp", type=int, default=1)
-    parser.add_argument("--spec", default="local", choices=["local", "sdpa"])
+    parser.add_argument("--spec", default="local", choices=["local", "sdpa", "te"])
     parser.add_argument("--sp", action="store_true", help="sequence parallelism (TP > 1, sdpa spec)")
     args = parser.parse_args()
     torch.set_num_threads(1)
