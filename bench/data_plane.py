@@ -158,14 +158,15 @@ def worker(args: argparse.Namespace) -> None:
                     plan = assign_rows(rows, dp, 1, trains_expert=False) if rank0 else None
                     local, metrics = plane.exchange(rows, plan)
                     rec = {"bytes": local.wire_bytes, "encode_s": local.encode_s, "rows": len(local.rows),
-                           "dispatch_s": metrics.get("data/dispatch_s", 0.0), "pack_s": metrics.get("data/pack_s", 0.0)}
+                           "dispatch_s": metrics.get("data/dispatch_s", 0.0), "pack_s": metrics.get("data/pack_s", 0.0),
+                           "send_wait_s": metrics.get("data/send_wait_s", 0.0)}
                 else:
                     payload = [build_rows(enc, args, with_pixels=True) if rank0 else None]
                     t_prep = time.perf_counter() - t0
                     t_send = time.perf_counter()
                     dist.broadcast_object_list(payload, src=0)  # pickles on rank 0, unpickles everywhere
                     rec = {"encode_s": t_prep if rank0 else 0.0, "dispatch_s": time.perf_counter() - t_send,
-                           "rows": len(payload[0]), "pack_s": 0.0}
+                           "rows": len(payload[0]), "pack_s": 0.0, "send_wait_s": 0.0}
                 rec["prepare_s"] = t_prep if rank0 else 0.0
                 rec["wall_s"] = time.perf_counter() - t0
                 if path == "broadcast":  # what broadcast_object_list moved to every rank (outside the timing)
@@ -199,6 +200,7 @@ def write_measured(args: argparse.Namespace, layouts: dict) -> None:
                 "encode_s_per_rank": [_median(r, "encode_s") for r in ranks],
                 "rank0_dispatch_s": _median(ranks[0], "dispatch_s"),
                 "rank0_pack_s": _median(ranks[0], "pack_s"),
+                "rank0_send_wait_s": _median(ranks[0], "send_wait_s"),
                 "rank0_prepare_s": _median(ranks[0], "prepare_s"),
                 "wall_s_per_rank": [_median(r, "wall_s") for r in ranks],
                 "rows_per_rank": [r[0]["rows"] for r in ranks],

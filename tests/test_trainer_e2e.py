@@ -640,26 +640,25 @@ def test_dapo_dynamic_sampling_refills_the_step(tiny):
 # ------------------------------------------------------------------------------------------ 6. a fleet of servers
 
 
-@pytest.mark.distributed
-def test_fleet_survives_a_killed_server_and_stops_when_all_are_down(tiny, dp1_run):
-    """rollout.urls = [A, B, C]: C is down from the start, B is SIGKILLed after step 1 and restarted after
-    step 2 (min_live_servers=2 makes step 3 wait for it). Every step completes, B generates again only
-    after its re-sync, and steps 1-2 equal the one-server run's. Then a fleet with no server: the clear stop."""
+def _fleet_run(tiny: SimpleNamespace, name: str, *settings: str, extra_urls: tuple[str, ...] = ()):
+    """Servers A and B (+ `extra_urls`) with min_live_servers=2: B is SIGKILLed after step 1 and restarted
+    after step 2, so step 3 waits for it. Returns rc, output tail, metrics rows and the routes B was POSTed
+    after its restart."""
     from concurrent.futures import ThreadPoolExecutor
 
     from rollout.launcher import EmbeddedServerProcess
 
-    servers = [EmbeddedServerProcess(tiny.model, health_timeout=300, log_path=tiny.root / f"fleet-{n}.log",
+    servers = [EmbeddedServerProcess(tiny.model, health_timeout=300, log_path=tiny.root / f"{name}-{n}.log",
                                      extra_args=["--log-level", "info"]) for n in "ab"]  # info: B's access log
-    down = f"http://127.0.0.1:{free_port()}"
-    run_dir = tiny.root / "fleet"
+    run_dir = tiny.root / name
     try:
         with ThreadPoolExecutor(2) as starting:
             list(starting.map(EmbeddedServerProcess.start, servers))
         a, b = servers
-        fleet = (f"rollout.urls=[{a.url},{b.url},{down}]", "rollout.min_live_servers=2",
+        fleet = (f"rollout.urls=[{','.join([a.url, b.url, *extra_urls])}]", "rollout.min_live_servers=2",
                  "rollout.recovery_timeout_s=120", "rollout.health_probe_interval_s=0.2")
-        with _Proc(_train_cmd(1, _args(tiny, run_dir, "train.steps=3", *fleet)), tiny.root / "fleet.log") as proc:
+        with _Proc(_train_cmd(1, _args(tiny, run_dir, "train.steps=3", *fleet, *settings)),
+                   tiny.root / f"{name}.log") as proc:
             _wait_for(lambda: len(_metrics(run_dir)) >= 1, proc, 480, "step 1")
             os.killpg(b.process.pid, signal.SIGKILL)  # step 2's /generate goes to B first (round-robin)
             b.process.wait()
@@ -671,20 +670,33 @@ def test_fleet_survives_a_killed_server_and_stops_when_all_are_down(tiny, dp1_ru
     finally:
         for s in servers:
             s.stop()
+    routes = [line.split('"')[1].split()[1] for line in b_log.splitlines() if '"POST /' in line]
+    return rc, out, (_metrics(run_dir) if rc == 0 else []), routes, b.url
+
+
+def _same_first_steps(rows: list[dict], ref_dir: Path) -> None:
+    ref = _metrics(ref_dir)
+    for k in (0, 1):
+        assert rows[k]["reward/mean"] == ref[k]["reward/mean"] and _rel(rows[k]["train/loss"], ref[k]["train/loss"]) <= 1e-6
+
+
+@pytest.mark.distributed
+def test_fleet_survives_a_killed_server_and_stops_when_all_are_down(tiny, dp1_run):
+    """rollout.urls = [A, B, C]: C is down from the start, B is SIGKILLed after step 1 and restarted after
+    step 2 (min_live_servers=2 makes step 3 wait for it). Every step completes, B generates again only
+    after its re-sync, and steps 1-2 equal the one-server run's. Then a fleet with no server: the clear stop."""
+    down = f"http://127.0.0.1:{free_port()}"
+    rc, out, rows, routes, b_url = _fleet_run(tiny, "fleet", extra_urls=(down,))
     assert rc == 0, out
-    rows = _metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]
     fleet_metrics = [(r["rollout/live_servers"], r["rollout/server_failures"], r["rollout/resyncs"]) for r in rows]
     # step 2: B is found dead by its /generate (or, had it answered before the kill, by the push after it)
     assert fleet_metrics[0] == (2, 1, 0) and fleet_metrics[1] in ((1, 2, 0), (2, 1, 0)), fleet_metrics
     assert fleet_metrics[2] == (2, 2, 1), fleet_metrics
-    assert f"rollout server {down} is out" in out and f"rollout server {b.url} is out" in out
+    assert f"rollout server {down} is out" in out and f"rollout server {b_url} is out" in out
     # the restarted B took the step-2 weights before its first /generate (step 3's, round-robin)
-    routes = [line.split('"')[1].split()[1] for line in b_log.splitlines() if '"POST /' in line]
     assert routes[:2] == ["/update_weights_from_tensor", "/generate"], routes
-    ref = _metrics(dp1_run)
-    for k in (0, 1):
-        assert rows[k]["reward/mean"] == ref[k]["reward/mean"] and _rel(rows[k]["train/loss"], ref[k]["train/loss"]) <= 1e-6
+    _same_first_steps(rows, dp1_run)
 
     # no server at all: the step waits recovery_timeout_s, then one line naming the server and its error
     cmd = _train_cmd(1, _args(tiny, tiny.root / "fleet-down", "train.steps=1", f"rollout.urls=[{down}]",
@@ -693,3 +705,19 @@ def test_fleet_survives_a_killed_server_and_stops_when_all_are_down(tiny, dp1_ru
     assert rc == 3, out
     assert f"calibrl train: error: 0 of 1 rollout servers live, rollout.min_live_servers=1, none recovered within " \
            f"rollout.recovery_timeout_s=1: {down} out (last error: /health: ConnectError" in out, out
+
+
+@pytest.mark.distributed
+def test_fleet_distributed_sync_reforms_its_group_without_the_dead_server(tiny, dp1_run):
+    """weight_sync_method=distributed with servers A and B: after B dies the weight-update group is torn down
+    and re-formed with A alone, and the restarted B joins a new group and gets the weights over it before
+    its first /generate. Steps 1-2 equal the one-server (tensor-synced) run's."""
+    rc, out, rows, routes, b_url = _fleet_run(tiny, "fleet-dist", "rollout.weight_sync_method=distributed")
+    assert rc == 0, out
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[2]["rollout/resyncs"] == 1 and rows[2]["rollout/live_servers"] == 2, rows[2]
+    assert f"rollout server {b_url} is out" in out
+    first_generate = routes.index("/generate")
+    assert "/init_weights_update_group" in routes[:first_generate], routes
+    assert "/update_weights_from_distributed" in routes[:first_generate], routes
+    _same_first_steps(rows, dp1_run)

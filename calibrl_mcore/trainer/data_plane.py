@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,16 +117,24 @@ class DataPlane:
 
     # --------------------------------------------------------------------------------------- transport
 
-    def _send(self, shards: list[bytes]) -> None:
-        """Driver: shard r to replica r's leader (sizes first, so receivers allocate exactly)."""
+    def _send(self, shards: list[bytes]) -> Callable[[], None]:
+        """Driver: post shard r to replica r's leader (sizes first, so receivers allocate exactly). Returns
+        the wait for those sends, which the driver calls once its own replica's work is done: the transfers
+        overlap that work instead of holding rank 0 until every leader has been scheduled to receive."""
         sizes = [torch.tensor([len(s)], dtype=torch.int64, device=self.device) for s in shards]
         payloads = [self._as_tensor(s) for s in shards[1:]]  # alive until every send has completed
         works = []
         for r in range(1, self.dp):
             works.append(dist.isend(sizes[r], dst=self.leaders[r]))
             works.append(dist.isend(payloads[r - 1], dst=self.leaders[r]))
-        for w in works:
-            w.wait()
+
+        def wait() -> None:
+            for w in works:
+                w.wait()
+            sizes.clear()
+            payloads.clear()
+
+        return wait
 
     def _recv(self) -> bytes:
         size = torch.zeros(1, dtype=torch.int64, device=self.device)
@@ -154,13 +162,14 @@ class DataPlane:
     def exchange(self, rows: Sequence[Row] | None, plan: RowPlan | None) -> tuple[LocalRows, dict[str, float]]:
         """Every rank calls this once per step; the driver (global rank 0) passes the step's rows and plan.
         Returns this rank's rows and the data metrics (cross-rank max / min: the same on every rank)."""
-        dispatch_s = pack_s = 0.0
+        dispatch_s = pack_s = send_wait_s = 0.0
         data: bytes | None = None
+        wait_for_sends: Callable[[], None] | None = None
         if dist.get_rank() == 0:
             t0 = time.perf_counter()
             shards = [self._pack(rows, plan, r) for r in range(self.dp)]
             pack_s = time.perf_counter() - t0
-            self._send(shards)
+            wait_for_sends = self._send(shards)
             dispatch_s = time.perf_counter() - t0
             data = shards[0]
         elif self.is_leader:
@@ -177,9 +186,13 @@ class DataPlane:
         local = LocalRows(rows=local_rows, trained=header["trained"], mini_batch=header["mini_batch"],
                           runnable=header["runnable"], complete=header["complete"], global_index=index,
                           wire_bytes=len(data), encode_s=encode_s)
+        if wait_for_sends is not None:
+            t_wait = time.perf_counter()
+            wait_for_sends()
+            send_wait_s = time.perf_counter() - t_wait
         metrics = self._reduce_metrics(len(data), encode_s)
         if plan is not None:
-            metrics.update({"data/dispatch_s": dispatch_s, "data/pack_s": pack_s,
+            metrics.update({"data/dispatch_s": dispatch_s, "data/pack_s": pack_s, "data/send_wait_s": send_wait_s,
                             "data/split_groups": float(plan.split_groups),
                             "data/token_imbalance": plan.token_imbalance})
         return local, metrics
