@@ -266,7 +266,9 @@ def test_metrics_go_to_an_offline_wandb_run_and_a_resume_continues_it(tmp_path, 
         logger.close(summary=False)
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     run_id = (tmp_path / "wandb" / "run_id").read_text().strip()
-    assert runs and all(r.name.endswith(run_id) for r in runs)
+    # wandb names a run's folder by its start second and id, adding -1, -2, ... when a resume starts within
+    # the same second as the run before it
+    assert runs and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", r.name) for r in runs), runs
     history = [row for r in runs for row in _wandb_history(next(r.glob("run-*.wandb")))]
     assert [(row["_step"], row["reward/mean"]) for row in history] == [(1, 0.1), (2, 0.2), (3, 0.3)]
     assert all("train/loss" not in row for row in history)  # non-finite values stay out, as in metrics.jsonl
